@@ -1,0 +1,132 @@
+"""Instrumentation for the pass manager: records, IR dumps with diffs, verification, numeric checks.
+
+None of these change the IR; each hooks `before_pass`/`after_pass` of `PassInstrumentation`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compiler.context import PassRecord
+from compiler.errors import PassError
+from compiler.passmanager import PassInstrumentation
+from compiler.runtime import run_model
+
+
+class Recorder(PassInstrumentation):
+    """Keeps a PassRecord (changed, seconds, facts) per pass in `ctx.records`."""
+
+    def before_pass(self, p, module, ctx):
+        ctx.records.append(PassRecord(p.name))
+
+    def after_pass(self, p, module, ctx, changed, seconds):
+        ctx.records[-1].changed = changed
+        ctx.records[-1].seconds = seconds
+
+
+class DumpIR(PassInstrumentation):
+    """Writes the IR after every pass that changed it as `NNN_pass.txt`, `NNN_pass.onnx` and `NNN_pass.diff`.
+
+    `000_input.*` is the IR before the first pass; NNN counts passes that ran, so gaps show unchanged passes.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.count = 0
+        self.previous: tuple[str, str] | None = None
+
+    def before_pipeline(self, module, ctx):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._write("000_input", module, None)
+
+    def after_pass(self, p, module, ctx, changed, seconds):
+        self.count += 1
+        if changed:
+            self._write(f"{self.count:03d}_{p.name}", module, self.previous)
+
+    def _write(self, stem, module, previous):
+        text = module.text() + "\n"
+        (self.directory / f"{stem}.txt").write_text(text)
+        module.save(self.directory / f"{stem}.onnx", infer_shapes=False)
+        if previous is not None:
+            prev_stem, prev_text = previous
+            diff = difflib.unified_diff(prev_text.splitlines(True), text.splitlines(True),
+                                        fromfile=f"{prev_stem}.txt", tofile=f"{stem}.txt")
+            (self.directory / f"{stem}.diff").write_text("".join(diff))
+        self.previous = (stem, text)
+
+
+class Verifier(PassInstrumentation):
+    """After each pass that changed the IR, onnx's checker must accept the exported model."""
+
+    def after_pass(self, p, module, ctx, changed, seconds):
+        if not changed:
+            return
+        proto = module.to_proto()
+        try:
+            if proto.ByteSize() < 2**31 - 2**26:
+                onnx.checker.check_model(proto)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PassError(f"pass '{p.name}' produced an invalid model: {first}") from None
+
+
+class LosslessCheck(PassInstrumentation):
+    """Holds every lossless pass to its promise: outputs equal the original model's within `rtol`.
+
+    The error of an output is max|new - original| / max(max|original|, 1e-6) over the sample feed.
+    """
+
+    def __init__(self, feed: dict[str, np.ndarray], rtol: float = 1e-4):
+        self.feed = feed
+        self.rtol = rtol
+        self.expected: list[np.ndarray] | None = None
+        self.worst: dict[str, float] = {}
+
+    def before_pipeline(self, module, ctx):
+        self.expected = run_model(module.to_proto(), self.feed)
+
+    def after_pass(self, p, module, ctx, changed, seconds):
+        if not (changed and p.lossless) or self.expected is None:
+            return
+        got = run_model(module.to_proto(), self.feed)
+        names = [t.name for t in module.graph.outputs]
+        for name, want, have in zip(names, self.expected, got):
+            err = relative_error(want, have)
+            self.worst[p.name] = max(self.worst.get(p.name, 0.0), err)
+            if not err <= self.rtol:
+                raise PassError(f"lossless pass '{p.name}' changed output '{name}' by {err:.3g} relative "
+                                f"(limit {self.rtol:g})")
+
+
+class ReferenceSnapshot(PassInstrumentation):
+    """Keeps the model as it is after the leading lossless passes in `ctx.reference` (reference.onnx)."""
+
+    def before_pass(self, p, module, ctx):
+        if ctx.reference is None and not p.lossless:
+            ctx.reference = module.to_proto()
+
+    def after_pipeline(self, module, ctx):
+        if ctx.reference is None:
+            ctx.reference = module.to_proto()
+
+
+def relative_error(want: np.ndarray, have: np.ndarray) -> float:
+    """max |have - want| over max |want| (float outputs), or 0/1 exact match for other dtypes."""
+    want, have = np.asarray(want), np.asarray(have)
+    if want.shape != have.shape:
+        return float("inf")
+    if want.dtype.kind not in "fc":
+        return 0.0 if np.array_equal(want, have) else 1.0
+    want64, have64 = want.astype(np.float64), have.astype(np.float64)
+    finite = np.isfinite(want64)
+    if not np.array_equal(finite, np.isfinite(have64)):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    scale = max(float(np.abs(want64[finite]).max()), 1e-6)
+    return float(np.abs(have64[finite] - want64[finite]).max()) / scale

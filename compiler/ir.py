@@ -1,0 +1,280 @@
+"""drpc's IR: an onnx-graphsurgeon graph plus the model-level facts ONNX keeps outside the graph.
+
+`Module` loads any ONNX file (external data included), keeps opset imports, IR version, producer and
+metadata, runs onnx shape inference, saves back to a valid model (external data for models over the
+protobuf limit) and prints a deterministic text form used by IR dumps and diffs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import shape_inference
+
+from compiler.errors import ModelLoadError, UnsupportedModelError
+
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+# protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
+PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+@dataclass
+class Module:
+    """A model being compiled: `graph` is mutable onnx-graphsurgeon IR, the rest is model metadata."""
+
+    graph: gs.Graph
+    ir_version: int = onnx.IR_VERSION
+    opset_imports: dict[str, int] = field(default_factory=dict)
+    producer_name: str = ""
+    producer_version: str = ""
+    doc_string: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Module":
+        """Read an ONNX file (with its external data) and check it; typed errors name the file."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such file")
+        if path.is_dir():
+            raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{path}: file is empty")
+        try:
+            proto = onnx.load_model(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf's decode errors have no common base class
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        if not proto.HasField("graph") or not proto.opset_import:
+            raise ModelLoadError(f"{path}: not an ONNX model (no graph or no opset import)")
+        _check_external_data_paths(proto, path)
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+        return cls.from_proto(proto, source=str(path), check=True)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, source: str = "<memory>", check: bool = False) -> "Module":
+        """Wrap a ModelProto (not modified). With `check`, onnx's checker must accept it first."""
+        if check:
+            try:
+                if proto.ByteSize() < PROTOBUF_LIMIT:
+                    onnx.checker.check_model(proto)
+            except Exception as exc:
+                raise ModelLoadError(f"{source}: rejected by onnx checker: {_first_line(exc)}") from None
+        if len(proto.graph.output) == 0:
+            raise ModelLoadError(f"{source}: model has no outputs")
+        try:
+            graph = gs.import_onnx(proto)
+        except Exception as exc:
+            raise UnsupportedModelError(f"{source}: cannot import graph ({_first_line(exc)})") from None
+        name_nodes(graph)
+        opsets = {imp.domain or "": imp.version for imp in proto.opset_import}
+        return cls(
+            graph=graph,
+            ir_version=proto.ir_version,
+            opset_imports=opsets,
+            producer_name=proto.producer_name,
+            producer_version=proto.producer_version,
+            doc_string=proto.doc_string,
+            metadata={p.key: p.value for p in proto.metadata_props},
+            source=source,
+        )
+
+    # ----------------------------------------------------------------- export
+    @property
+    def opset(self) -> int:
+        """The default-domain (ai.onnx) opset version."""
+        return self.opset_imports.get("", self.opset_imports.get("ai.onnx", 1))
+
+    def set_opset(self, version: int) -> None:
+        """Record a new default-domain opset (the caller converts the nodes)."""
+        self.opset_imports[""] = version
+        self.graph.opset = version
+
+    def to_proto(self, infer_shapes: bool = False) -> onnx.ModelProto:
+        """Export a topologically sorted, cleaned-up ModelProto; with `infer_shapes`, run onnx shape inference."""
+        graph = self.graph
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.opset = self.opset
+        imports = [onnx.helper.make_opsetid(d, v) for d, v in sorted(self.opset_imports.items())]
+        for node in graph.nodes:  # custom domains used by new nodes
+            if node.domain and node.domain not in self.opset_imports:
+                imports.append(onnx.helper.make_opsetid(node.domain, 1))
+                self.opset_imports[node.domain] = 1
+        proto = gs.export_onnx(graph, do_type_check=False, opset_imports=imports)
+        proto.ir_version = max(self.ir_version, _min_ir_version(self.opset))
+        proto.producer_name = self.producer_name or "drpc"
+        proto.producer_version = self.producer_version
+        proto.doc_string = self.doc_string
+        del proto.metadata_props[:]
+        for key, value in sorted(self.metadata.items()):
+            proto.metadata_props.add(key=key, value=value)
+        if infer_shapes:
+            proto = infer_shapes_proto(proto)
+        return proto
+
+    def infer_shapes(self) -> None:
+        """Replace the graph by one whose tensors carry onnx-inferred shapes and dtypes."""
+        proto = self.to_proto(infer_shapes=True)
+        self.graph = gs.import_onnx(proto)
+
+    def save(self, path: str | os.PathLike, infer_shapes: bool = True) -> onnx.ModelProto:
+        """Write the model; weights go to `<name>.data` beside it when the protobuf limit would be hit."""
+        proto = self.to_proto(infer_shapes=infer_shapes)
+        save_proto(proto, path)
+        return proto
+
+    def copy(self) -> "Module":
+        """An independent deep copy (graph and metadata)."""
+        return Module.from_proto(self.to_proto(), source=self.source)
+
+    # ----------------------------------------------------------------- queries
+    def initializer(self, tensor: gs.Tensor) -> np.ndarray | None:
+        """The constant value behind `tensor` (an initializer or a Constant node's output), else None."""
+        if isinstance(tensor, gs.Constant):
+            return tensor.values
+        if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+            attrs = tensor.inputs[0].attrs
+            value = attrs.get("value")
+            if isinstance(value, gs.Constant):
+                return value.values
+        return None
+
+    def text(self) -> str:
+        """Deterministic text form: one line per graph input, node (in topological order) and output."""
+        return format_graph(self.graph, self.opset_imports)
+
+
+# --------------------------------------------------------------------- helpers
+def name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique, deterministic name (`<op>_<index>` for unnamed or repeated ones)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            base = f"{node.op}_{index}"
+            node.name = base if base not in seen else f"{base}_{len(seen)}"
+        seen.add(node.name)
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                name_nodes(value)
+
+
+def infer_shapes_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference with data propagation; through a file for models past the protobuf limit."""
+    try:
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            return shape_inference.infer_shapes(proto, data_prop=True)
+        with tempfile.TemporaryDirectory(prefix="drpc-shape-") as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            save_proto(proto, src)
+            shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
+            out = onnx.load_model(str(dst), load_external_data=True)
+            return out
+    except Exception as exc:
+        raise UnsupportedModelError(f"onnx shape inference failed: {_first_line(exc)}") from None
+
+
+def save_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Save a ModelProto; large models keep their weights in one external data file beside the model."""
+    path = Path(path)
+    if proto.ByteSize() >= PROTOBUF_LIMIT:
+        proto = copy.copy(proto)
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def format_graph(graph: gs.Graph, opsets: dict[str, int] | None = None, indent: str = "") -> str:
+    """Text form of a graph: stable across runs so that two dumps diff line by line."""
+    lines = []
+    if opsets is not None:
+        lines.append(indent + "opset " + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in sorted(opsets.items())))
+    for t in graph.inputs:
+        lines.append(f"{indent}input {_tensor_sig(t)}")
+    for node in graph.nodes:
+        ins = ", ".join(_operand(t) for t in node.inputs)
+        outs = ", ".join(_tensor_sig(t) for t in node.outputs)
+        attrs = "".join(f" {k}={_attr(v)}" for k, v in sorted(node.attrs.items()) if not isinstance(v, gs.Graph))
+        domain = f"{node.domain}." if node.domain else ""
+        lines.append(f"{indent}{outs} = {domain}{node.op}({ins}){attrs}  # {node.name}")
+        for key, value in sorted(node.attrs.items()):
+            if isinstance(value, gs.Graph):
+                lines.append(f"{indent}  {key}:")
+                lines.append(format_graph(value, None, indent + "    "))
+    for t in graph.outputs:
+        lines.append(f"{indent}output {_tensor_sig(t)}")
+    return "\n".join(lines)
+
+
+def _tensor_sig(t: gs.Tensor) -> str:
+    dtype = getattr(t, "dtype", None)
+    dtype_name = np.dtype(dtype).name if dtype is not None and not isinstance(dtype, int) else str(dtype)
+    shape = "?" if t.shape is None else "x".join(str(d) for d in t.shape) or "scalar"
+    return f"%{t.name}:{dtype_name}[{shape}]"
+
+
+def _operand(t: gs.Tensor) -> str:
+    if t.name == "":
+        return "<none>"
+    if isinstance(t, gs.Constant):
+        values = t.values
+        if values.size <= 4:
+            return f"const{list(np.asarray(values).reshape(-1).tolist())}:{values.dtype.name}"
+        return f"%{t.name}:const {values.dtype.name}[{'x'.join(map(str, values.shape))}]"
+    return f"%{t.name}"
+
+
+def _attr(value) -> str:
+    if isinstance(value, gs.Constant):
+        return f"tensor<{value.values.dtype.name}[{'x'.join(map(str, value.values.shape))}]>"
+    if isinstance(value, np.ndarray):
+        return f"tensor<{value.dtype.name}[{'x'.join(map(str, value.shape))}]>"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_attr(v) for v in value) + "]"
+    if isinstance(value, bytes):
+        return repr(value.decode(errors="replace"))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _min_ir_version(opset: int) -> int:
+    """The lowest IR version that onnxruntime accepts together with `opset` (per onnx's version table)."""
+    table = [(21, 10), (19, 9), (15, 8), (13, 7), (12, 7), (11, 6), (10, 5), (9, 4), (7, 3), (1, 3)]
+    for min_opset, ir in table:
+        if opset >= min_opset:
+            return ir
+    return 3
+
+
+def _check_external_data_paths(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse external data locations that escape the model's folder (absolute or with '..')."""
+    base = path.parent.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"{path}: external data of tensor '{tensor.name}' points outside the model's folder ({location})")
+        if not target.exists():
+            raise ModelLoadError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

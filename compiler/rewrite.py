@@ -1,0 +1,77 @@
+"""Small graph-rewriting helpers shared by passes: constants, consumers, rewiring, fresh names."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant-node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """True when `tensor` is one of the graph's outputs."""
+    return any(t is tensor for t in graph.outputs)
+
+
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The only node reading `tensor`, when it has exactly one reader and is not a graph output."""
+    if len(tensor.outputs) != 1 or is_graph_output(graph, tensor):
+        return None
+    return tensor.outputs[0]
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that writes `tensor`, or None for graph inputs and constants."""
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor, drop: gs.Tensor) -> bool:
+    """Remove `node` by making readers of its output `drop` read `keep` instead; False if impossible.
+
+    When `drop` is a graph output, `keep` takes its place and its name (only if `keep` is an
+    intermediate tensor that nothing else exposes), so the model's interface is unchanged.
+    """
+    if is_graph_output(graph, drop):
+        if isinstance(keep, gs.Constant) or keep in graph.inputs or is_graph_output(graph, keep):
+            return False
+        if len(keep.outputs) > 1:
+            return False
+        idx = [i for i, t in enumerate(graph.outputs) if t is drop][0]
+        keep.dtype = keep.dtype if keep.dtype is not None else drop.dtype
+        keep.shape = keep.shape if keep.shape is not None else drop.shape
+        name = drop.name
+        drop.name = drop.name + "__bypassed"
+        keep.name = name
+        graph.outputs[idx] = keep
+    for consumer in list(drop.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is drop:
+                consumer.inputs[i] = keep
+    node.outputs.clear()
+    node.inputs.clear()
+    return True
+
+
+_counter = itertools.count()
+
+
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name not used in `graph`, derived from `base`."""
+    used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+    if base not in used:
+        return base
+    while True:
+        name = f"{base}_{next(_counter)}"
+        if name not in used:
+            return name

@@ -1,0 +1,43 @@
+"""onnxruntime sessions for drpc: running a model in memory or on disk, with quiet logging."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from compiler.ir import PROTOBUF_LIMIT, save_proto
+
+
+def session_options(threads: int = 0, optimize: bool = True) -> ort.SessionOptions:
+    """SessionOptions with warnings silenced; `threads` 0 lets onnxruntime choose."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
+def make_session(model: onnx.ModelProto | str | Path, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    """An InferenceSession on the CPU for a ModelProto (through a temp file past 2 GiB) or a path."""
+    opts = session_options(threads, optimize)
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, (str, Path)):
+        return ort.InferenceSession(str(model), opts, providers=providers)
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="drpc-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_proto(model, path)
+        return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def run_model(model, feed: dict[str, np.ndarray], output_names: list[str] | None = None) -> list[np.ndarray]:
+    """Run `model` once on `feed` (extra feed entries the model does not take are ignored)."""
+    sess = model if isinstance(model, ort.InferenceSession) else make_session(model)
+    wanted = {i.name for i in sess.get_inputs()}
+    return sess.run(output_names, {k: v for k, v in feed.items() if k in wanted})

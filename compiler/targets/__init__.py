@@ -1,0 +1,1 @@
+"""Target descriptions (one JSON file per target) shipped as package data."""

@@ -1,0 +1,132 @@
+"""fold-constants: evaluate every computation whose inputs are all known at compile time."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from compiler.passmanager import Option, Pass, register_pass
+from compiler.rewrite import is_graph_output
+from compiler.runtime import make_session
+
+# Never folded: quantization nodes carry the deployment format, random ops must stay random.
+NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
+              "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+@register_pass
+class FoldConstants(Pass):
+    """Replace Constant nodes, Shape of static tensors and all-constant subcomputations by initializers.
+
+    Guarantees: outputs unchanged (values are computed by onnxruntime with optimizations off); Q/DQ and
+    random nodes are never folded; a folded tensor larger than both `max_bytes` and the constants it was
+    computed from is left as a computation (the size guard); nodes with subgraphs are left alone.
+    """
+
+    name = "fold-constants"
+    lossless = True
+    OPTIONS = {"max_bytes": Option(int, 1 << 20, "largest folded tensor that may grow the model", minimum=0)}
+
+    def run(self, module, ctx) -> bool:
+        changed = self._constant_nodes(module.graph)
+        folded = 0
+        for _ in range(16):  # folding a Shape can make more nodes constant; iterate to a fixed point
+            module.infer_shapes()
+            n = self._fold_shapes(module.graph) + self._fold_computations(module)
+            if n == 0:
+                break
+            folded += n
+            module.graph.cleanup(remove_unused_graph_inputs=False)
+        if ctx is not None:
+            ctx.log(constant_nodes=changed, folded_tensors=folded)
+        return bool(changed or folded)
+
+    @staticmethod
+    def _constant_nodes(graph: gs.Graph) -> int:
+        count = 0
+        for node in list(graph.nodes):
+            if node.op != "Constant" or node.domain or is_graph_output(graph, node.outputs[0]):
+                continue
+            value = _constant_attr_value(node)
+            if value is None:
+                continue
+            out = node.outputs[0]
+            node.outputs.clear()
+            out.to_constant(value)
+            count += 1
+        graph.cleanup(remove_unused_graph_inputs=False)
+        return count
+
+    @staticmethod
+    def _fold_shapes(graph: gs.Graph) -> int:
+        count = 0
+        for node in list(graph.nodes):
+            if node.op != "Shape" or node.domain or is_graph_output(graph, node.outputs[0]):
+                continue
+            shape = node.inputs[0].shape
+            if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+                continue
+            dims = np.array(shape, dtype=np.int64)
+            start = node.attrs.get("start", 0)
+            end = node.attrs.get("end", None)
+            out = node.outputs[0]
+            node.outputs.clear()
+            out.to_constant(dims[start:end] if end is not None else dims[start:])
+            count += 1
+        return count
+
+    def _fold_computations(self, module) -> int:
+        graph = module.graph
+        produced: set[int] = set()
+        nodes = []
+        for node in graph.nodes:
+            if (node.op in NEVER_FOLD or (node.domain or "") not in ("", "ai.onnx")
+                    or any(isinstance(v, gs.Graph) for v in node.attrs.values())
+                    or any(is_graph_output(graph, t) for t in node.outputs) or not node.outputs):
+                continue
+            if all(t.name == "" or isinstance(t, gs.Constant) or id(t) in produced for t in node.inputs):
+                nodes.append(node)
+                produced.update(id(t) for t in node.outputs)
+        if not nodes:
+            return 0
+        outputs = [t for n in nodes for t in n.outputs if t.name]
+        values = _evaluate(nodes, outputs, module.opset_imports)
+        count = 0
+        for tensor, value in zip(outputs, values):
+            producer = tensor.inputs[0] if tensor.inputs else None
+            source_bytes = sum(t.values.nbytes for t in producer.inputs if isinstance(t, gs.Constant)) if producer else 0
+            if value.nbytes > self.max_bytes and value.nbytes > source_bytes:
+                continue
+            tensor.inputs.clear()
+            tensor.to_constant(np.asarray(value))
+            count += 1
+        return count
+
+
+def _evaluate(nodes, outputs, opsets) -> list[np.ndarray]:
+    """Run `nodes` (all inputs constant) in onnxruntime without graph optimizations; one value per output."""
+    sub = gs.Graph(nodes=nodes, inputs=[], outputs=outputs, opset=opsets.get("", 13))
+    proto = gs.export_onnx(sub, do_type_check=False,
+                           opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for out in proto.graph.output:
+        if out.name in types and types[out.name].tensor_type.elem_type:
+            out.type.CopyFrom(types[out.name])
+    return make_session(proto, threads=1, optimize=False).run([t.name for t in outputs], {})
+
+
+def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if isinstance(attrs.get("value"), gs.Constant):
+        return np.asarray(attrs["value"].values)
+    scalar_kinds = {"value_float": np.float32, "value_int": np.int64}
+    list_kinds = {"value_floats": np.float32, "value_ints": np.int64}
+    for key, dtype in scalar_kinds.items():
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in list_kinds.items():
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    return None

@@ -1,0 +1,69 @@
+"""The IR keeps what ONNX keeps (opset, metadata, names), saves valid models and prints deterministically."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from compiler.errors import ModelLoadError
+from compiler.ir import Module
+from graphs import conv_bn_model, init, model, outputs_close, rand
+
+
+def test_round_trip_keeps_opset_metadata_and_names(tmp_path):
+    proto = conv_bn_model()
+    proto.producer_name = "unit-test"
+    proto.metadata_props.add(key="author", value="drpc tests")
+    proto.opset_import.append(helper.make_opsetid("com.example", 2))
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    module = Module.load(src)
+    assert module.opset == 13 and module.opset_imports["com.example"] == 2
+    module.save(tmp_path / "out.onnx")
+    back = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(back)
+    assert back.producer_name == "unit-test"
+    assert {p.key: p.value for p in back.metadata_props} == {"author": "drpc tests"}
+    assert [n.name for n in back.graph.node] == [n.name for n in proto.graph.node]
+    outputs_close(proto, back, {"x": rand(1, 3, 16, 16)}, rtol=0)
+
+
+def test_unnamed_nodes_get_unique_names():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"], name="r"),
+             helper.make_node("Neg", ["b"], ["y"], name="r")]
+    module = Module.from_proto(model(nodes, [("x", TensorProto.FLOAT, [2])], [("y", TensorProto.FLOAT, [2])]))
+    names = [n.name for n in module.graph.nodes]
+    assert len(set(names)) == 3 and all(names)
+
+
+def test_external_data_is_loaded_and_escape_refused(tmp_path):
+    proto = conv_bn_model()
+    path = tmp_path / "ext.onnx"
+    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+              size_threshold=0)
+    module = Module.load(path)
+    assert module.graph.nodes[0].inputs[1].values.shape == (8, 3, 3, 3)
+    evil = onnx.load(str(path), load_external_data=False)
+    for t in evil.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../etc/passwd"
+    onnx.save(evil, tmp_path / "evil.onnx")
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        Module.load(tmp_path / "evil.onnx")
+
+
+def test_text_form_is_deterministic(tmp_path):
+    proto = conv_bn_model()
+    onnx.save(proto, tmp_path / "m.onnx")
+    a, b = Module.load(tmp_path / "m.onnx").text(), Module.load(tmp_path / "m.onnx").text()
+    assert a == b
+    assert "= Conv(%x, %w1:const float32[8x3x3x3], %b1:const float32[8]) pads=[1,1,1,1]  # conv1" in a
+
+
+def test_infer_shapes_fills_intermediate_shapes():
+    module = Module.from_proto(conv_bn_model())
+    module.infer_shapes()
+    relu = next(n for n in module.graph.nodes if n.op == "Relu")
+    assert list(relu.outputs[0].shape) == [1, 8, 16, 16]
+    assert np.dtype(relu.outputs[0].dtype) == np.float32

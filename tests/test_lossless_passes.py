@@ -1,0 +1,174 @@
+"""Each lossless pass keeps outputs equal to onnxruntime's on the original model, and does its job."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from compiler.context import CompileContext
+from compiler.ir import Module
+from compiler.passmanager import create_pass
+from graphs import conv_bn_model, init, model, outputs_close, rand
+
+
+def run_pass(proto, name, **options):
+    module = Module.from_proto(proto)
+    changed = create_pass(name, options).run(module, CompileContext())
+    return changed, module.to_proto()
+
+
+def ops(proto):
+    return [n.op_type for n in proto.graph.node]
+
+
+def test_fuse_conv_bn_removes_bn_and_keeps_outputs():
+    original = conv_bn_model()
+    changed, fused = run_pass(original, "fuse-conv-bn")
+    assert changed
+    assert ops(fused) == ["Conv", "Relu", "Conv"]
+    outputs_close(original, fused, {"x": rand(1, 3, 16, 16)}, rtol=1e-5)
+    assert [o.name for o in fused.graph.output] == ["y"]
+
+
+def test_fuse_conv_bn_convtranspose_grouped():
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], name="deconv", group=2, strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")]
+    inits = [init("w", rand(4, 3, 3, 3)), init("g", rand(6) + 2), init("b", rand(6)), init("m", rand(6)),
+             init("v", np.abs(rand(6)) + 0.5)]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 4, 5, 5])], [("y", TensorProto.FLOAT, None)], inits)
+    changed, fused = run_pass(original, "fuse-conv-bn")
+    assert changed and ops(fused) == ["ConvTranspose"]
+    outputs_close(original, fused, {"x": rand(1, 4, 5, 5)}, rtol=1e-5)
+
+
+def test_fuse_conv_bn_leaves_shared_conv_output():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
+             helper.make_node("Relu", ["c"], ["z"], name="relu")]
+    inits = [init("w", rand(2, 3, 1, 1)), init("g", rand(2)), init("b", rand(2)), init("m", rand(2)),
+             init("v", np.abs(rand(2)) + 1)]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                     [("y", TensorProto.FLOAT, None), ("z", TensorProto.FLOAT, None)], inits)
+    changed, _ = run_pass(original, "fuse-conv-bn")
+    assert not changed
+
+
+def test_fuse_pad_conv():
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], name="pad"),
+             helper.make_node("Conv", ["p", "w"], ["y"], name="conv", pads=[0, 1, 0, 1])]
+    inits = [init("pads", np.array([0, 0, 1, 2, 0, 0, 3, 0], np.int64)), init("w", rand(4, 3, 3, 3))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits)
+    changed, fused = run_pass(original, "fuse-pad-conv")
+    assert changed and ops(fused) == ["Conv"]
+    conv = fused.graph.node[0]
+    assert [a for a in conv.attribute if a.name == "pads"][0].ints == [1, 3, 3, 1]
+    outputs_close(original, fused, {"x": rand(1, 3, 8, 8)}, rtol=0)
+
+
+@pytest.mark.parametrize("mode,value", [("reflect", 0.0), ("constant", 1.5)])
+def test_fuse_pad_conv_refuses_non_zero_padding(mode, value):
+    nodes = [helper.make_node("Pad", ["x", "pads", "val"], ["p"], name="pad", mode=mode),
+             helper.make_node("Conv", ["p", "w"], ["y"], name="conv")]
+    inits = [init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), init("val", np.array(value, np.float32)),
+             init("w", rand(4, 3, 3, 3))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits)
+    changed, _ = run_pass(original, "fuse-pad-conv")
+    assert not changed
+
+
+def test_fuse_matmul_add_to_gemm():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="add")]
+    original = model(nodes, [("x", TensorProto.FLOAT, [4, 16])], [("y", TensorProto.FLOAT, [4, 10])],
+                     [init("w", rand(16, 10)), init("b", rand(1, 10))])
+    changed, fused = run_pass(original, "fuse-matmul-add")
+    assert changed and ops(fused) == ["Gemm"]
+    assert [o.name for o in fused.graph.output] == ["y"]
+    outputs_close(original, fused, {"x": rand(4, 16)}, rtol=1e-6)
+
+
+def test_fuse_matmul_add_skips_batched_and_activation_matmul():
+    nodes = [helper.make_node("MatMul", ["x", "x2"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="add")]
+    original = model(nodes, [("x", TensorProto.FLOAT, [4, 16]), ("x2", TensorProto.FLOAT, [16, 10])],
+                     [("y", TensorProto.FLOAT, None)], [init("b", rand(10))])
+    assert not run_pass(original, "fuse-matmul-add")[0]
+
+
+def test_fold_constants_folds_shape_chains_and_constant_nodes():
+    shape_const = helper.make_node("Constant", [], ["axes"], name="axes_const",
+                                   value=helper.make_tensor("v", TensorProto.INT64, [1], [0]))
+    nodes = [shape_const,
+             helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "axes"], ["n"], name="gather", axis=0),
+             helper.make_node("Concat", ["n", "minus1"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),
+             helper.make_node("Add", ["ca", "cb"], ["scale2"], name="const_add"),
+             helper.make_node("Mul", ["r", "scale2"], ["y"], name="mul")]
+    inits = [init("minus1", np.array([-1], np.int64)), init("ca", np.ones(1, np.float32)),
+             init("cb", np.full(1, 2.0, np.float32))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [2, 3, 4])], [("y", TensorProto.FLOAT, [2, 12])], inits)
+    changed, folded = run_pass(original, "fold-constants")
+    assert changed and ops(folded) == ["Reshape", "Mul"]
+    outputs_close(original, folded, {"x": rand(2, 3, 4)}, rtol=0)
+
+
+def test_fold_constants_never_folds_qdq_and_respects_size_guard():
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="dq"),
+             helper.make_node("ConstantOfShape", ["big_shape"], ["big"], name="cos",
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceSum", ["big"], ["total"], name="sum", keepdims=0),
+             helper.make_node("Mul", ["x", "w"], ["m"], name="mul"),
+             helper.make_node("Add", ["m", "total"], ["y"], name="add")]
+    inits = [init("wq", np.array([3, -7], np.int8)), init("ws", np.array(0.5, np.float32)),
+             init("big_shape", np.array([1024, 1024], np.int64))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [2])], [("y", TensorProto.FLOAT, None)], inits)
+    changed, folded = run_pass(original, "fold-constants", max_bytes=1024)
+    assert "DequantizeLinear" in ops(folded)
+    # the 4 MiB ConstantOfShape result is not materialised, but the scalar sum it feeds is folded
+    assert "ConstantOfShape" not in ops(folded) and "ReduceSum" not in ops(folded)
+    assert all(np.prod(t.dims) < 1024 for t in folded.graph.initializer)
+    outputs_close(original, folded, {"x": rand(2)}, rtol=0)
+
+
+def test_eliminate_identity_keeps_output_names():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Identity", ["r"], ["i"], name="id"),
+             helper.make_node("Dropout", ["i"], ["d"], name="drop"),
+             helper.make_node("Cast", ["d"], ["y"], name="cast", to=TensorProto.FLOAT)]
+    original = model(nodes, [("x", TensorProto.FLOAT, [3, 4])], [("y", TensorProto.FLOAT, [3, 4])])
+    changed, cleaned = run_pass(original, "eliminate-identity")
+    assert changed and ops(cleaned) == ["Relu"]
+    assert [o.name for o in cleaned.graph.output] == ["y"]
+    outputs_close(original, cleaned, {"x": rand(3, 4)}, rtol=0)
+
+
+def test_eliminate_identity_keeps_reversing_slice():
+    nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"], name="rev")]
+    inits = [init("starts", np.array([-1], np.int64)), init("ends", np.array([-10], np.int64)),
+             init("axes", np.array([0], np.int64)), init("steps", np.array([-1], np.int64))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [4])], [("y", TensorProto.FLOAT, [4])], inits)
+    assert not run_pass(original, "eliminate-identity")[0]
+
+
+def test_eliminate_dead_code_keeps_interface():
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"),
+             helper.make_node("Sigmoid", ["x"], ["unused"], name="dead")]
+    original = model(nodes, [("x", TensorProto.FLOAT, [3]), ("extra", TensorProto.FLOAT, [1])],
+                     [("y", TensorProto.FLOAT, [3])], [init("orphan", rand(5))])
+    changed, cleaned = run_pass(original, "eliminate-dead-code")
+    assert changed and ops(cleaned) == ["Relu"]
+    assert [i.name for i in cleaned.graph.input] == ["x", "extra"]
+    assert not cleaned.graph.initializer
+
+
+def test_upgrade_opset_from_8():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Reshape", ["c", "shape"], ["y"], name="reshape")]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 2, 4, 4])], [("y", TensorProto.FLOAT, None)],
+                     [init("w", rand(3, 2, 1, 1)), init("shape", np.array([1, -1], np.int64))], opset=8)
+    changed, upgraded = run_pass(original, "upgrade-opset", min=13)
+    assert changed
+    assert {o.domain: o.version for o in upgraded.opset_import}[""] == 13
+    onnx.checker.check_model(upgraded)
+    outputs_close(original, upgraded, {"x": rand(1, 2, 4, 4)}, rtol=0)
