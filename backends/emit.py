@@ -15,6 +15,7 @@ from backends.deploy_schema import SCHEMA_VERSION, validate_descriptor
 from backends.memory_plan import plan_memory
 from backends.package import staged_directory, write_arrays, write_json
 from backends.partition import partition
+from backends.report_html import render_report
 from backends.qdq_info import activation_quant_params, initializer_values, weight_quant_params
 from compiler.ir import save_proto
 from compiler.runtime import run_model
@@ -133,7 +134,9 @@ def emit_package(inp: PackageInputs, out_dir: Path, force: bool) -> dict:
             write_arrays(tmp / "sample_inputs.npz", samples)
             names = [o.name for o in inp.reference.graph.output]
             write_arrays(tmp / "reference_outputs.npz", dict(zip(names, run_model(inp.reference, samples))))
-        write_json(tmp / "report.json", build_report(inp, descriptor, cost))
+        report = build_report(inp, descriptor, cost)
+        write_json(tmp / "report.json", report)
+        (tmp / "report.html").write_text(render_report(descriptor, report))
     return descriptor
 
 

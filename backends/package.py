@@ -17,7 +17,7 @@ import numpy as np
 
 from compiler.errors import DrpcError, UsageError
 
-PACKAGE_FILES = ("model.onnx", "reference.onnx", "deploy.json", "addr_map.txt", "report.json")
+PACKAGE_FILES = ("model.onnx", "reference.onnx", "deploy.json", "addr_map.txt", "report.json", "report.html")
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:

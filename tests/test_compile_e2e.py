@@ -1,0 +1,121 @@
+"""`drpc compile` end to end on the shipped sample model, through the real CLI entry point."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler.cli import main
+from compiler.runtime import run_model
+from compiler.instrument import relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "models" / "mnist_resnet.onnx"
+CALIB = ROOT / "models" / "mnist_calib.npz"
+LOSSLESS = "upgrade-opset{min=13},fold-constants,eliminate-identity,eliminate-dead-code,fuse-conv-bn,fuse-pad-conv,fuse-matmul-add"
+PACKAGE = {"model.onnx", "reference.onnx", "deploy.json", "addr_map.txt", "report.json"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The README's first command: prune 0.7, int8 for rzv2h, with IR dumps."""
+    base = tmp_path_factory.mktemp("e2e")
+    out, dump = base / "pkg", base / "dump"
+    code = main(["compile", str(SAMPLE), "--target", "rzv2h", "--prune", "0.7", "--calib", str(CALIB),
+                 "--out", str(out), "--dump-ir", str(dump)])
+    assert code == 0
+    return out, dump
+
+
+def test_package_has_the_five_files_and_simulates(compiled, capsys):
+    out, _ = compiled
+    assert PACKAGE <= {p.name for p in out.iterdir()}
+    assert main(["simulate", str(out)]) == 0
+    assert "package OK" in capsys.readouterr().out
+
+
+def test_dump_has_one_numbered_dump_per_changing_pass(compiled):
+    out, dump = compiled
+    report = json.loads((out / "report.json").read_text())
+    changed = [(i + 1, p["name"]) for i, p in enumerate(report["passes"]) if p["changed"]]
+    stems = sorted({p.stem for p in dump.iterdir()})
+    assert stems == ["000_input"] + [f"{i:03d}_{name}" for i, name in changed]
+    for stem in stems[1:]:
+        assert (dump / f"{stem}.diff").is_file() and (dump / f"{stem}.onnx").is_file()
+
+
+def test_deploy_json_says_what_happened(compiled):
+    out, _ = compiled
+    deploy = json.loads((out / "deploy.json").read_text())
+    assert deploy["provenance"]["accuracy_measured"] is True
+    assert "prune{ratio=0.7" in deploy["provenance"]["pipeline"]
+    convs = [l for l in deploy["layers"] if l["op"] == "Conv"]
+    assert convs and all(l["engine"] == "drpai" for l in convs)
+    model = onnx.load(str(out / "model.onnx"))
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    lines = (out / "addr_map.txt").read_text().splitlines()
+    assert lines and all(re.fullmatch(r"\S+ 0x[0-9a-f]+ 0x[0-9a-f]+", line) for line in lines)
+
+
+def test_lossless_pipeline_matches_original(tmp_path):
+    out = tmp_path / "lossless"
+    assert main(["compile", str(SAMPLE), "--pipeline", LOSSLESS, "--calib", str(CALIB), "--out", str(out)]) == 0
+    with np.load(ROOT / "models" / "mnist_test.npz") as z:
+        x = z["input"][:64]
+    want = run_model(onnx.load(str(SAMPLE)), {"input": x})[0]
+    have = run_model(onnx.load(str(out / "model.onnx")), {"input": x})[0]
+    assert relative_error(want, have) < 1e-4
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "BatchNormalization" not in ops
+
+
+def test_print_pipeline_and_json(tmp_path, capsys):
+    assert main(["compile", str(SAMPLE), "--print-pipeline", "--prune", "0.5", "--calib-method", "entropy"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert "prune{ratio=0.5,mode=sparse}" in text and "calibrate{method=entropy}" in text
+    assert text.index("prune") < text.index("insert-qdq")
+    out = tmp_path / "pkg"
+    assert main(["compile", str(SAMPLE), "--calib", str(CALIB), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["target"] == "rzv2h" and summary["accuracy_measured"] is True
+    assert summary["totals"]["memory_bytes"] > 0
+
+
+def test_passes_targets_inspect(capsys):
+    assert main(["passes"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("fold-constants", "fuse-conv-bn", "insert-qdq", "calibrate", "fuse-qdq", "prune"):
+        assert name in listed
+    assert main(["targets", "--json"]) == 0
+    names = {t["name"] for t in json.loads(capsys.readouterr().out)}
+    assert names == {"rzv2h", "rzv2n", "rzv2l", "rzv2m", "rzv2ma"}
+    assert main(["inspect", str(SAMPLE), "--target", "rzv2h", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["macs"] > 0 and info["params"] > 0 and info["placement"]["drpai"] > 0
+
+
+def test_readme_embedding_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Embedding the pass manager")[1].split("```python")[1].split("```")[0]
+    monkeypatch.chdir(ROOT)
+    code = code.replace('module.save("lossless.onnx")', f'module.save({str(tmp_path / "lossless.onnx")!r})')
+    exec(compile(code, "README.md", "exec"), {})
+    onnx.checker.check_model(onnx.load(str(tmp_path / "lossless.onnx")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,shape", [("efficientnet_lite0", (2, 3, 224, 224)), ("ultraface_rfb_320", (1, 3, 240, 320))])
+def test_lossless_pipeline_on_corpus(corpus, tmp_path, name, shape):
+    src = corpus / "models" / f"{name}.onnx"
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    out = tmp_path / "pkg"
+    assert main(["compile", str(src), "--pipeline", LOSSLESS, "--calib", str(tmp_path / "calib.npy"),
+                 "--out", str(out)]) == 0
+    original, compiled_model = onnx.load(str(src)), onnx.load(str(out / "model.onnx"))
+    feed = {original.graph.input[0].name: x}
+    for want, have in zip(run_model(original, feed), run_model(compiled_model, feed)):
+        assert relative_error(want, have) < 1e-4
