@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 import jsonschema
 
@@ -17,7 +17,7 @@ SCHEMA_FILE = "deploy.schema.json"
 @lru_cache(maxsize=1)
 def schema() -> dict:
     """The deploy.json JSON Schema (draft 2020-12)."""
-    return json.loads(resources.files("backends").joinpath(SCHEMA_FILE).read_text())
+    return json.loads((Path(__file__).resolve().parent / SCHEMA_FILE).read_text())
 
 
 def validate_descriptor(descriptor: dict) -> None:

@@ -18,7 +18,7 @@ from compiler.errors import DrpcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="drpc: compile float ONNX models into int8/fp16 deployment packages for DRP-AI targets.")
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 
 @app.command("compile")
@@ -195,26 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
-        app(args=args, prog_name="drpc", standalone_mode=False)
-        return 0
+        result = app(args=args, prog_name="drpc", standalone_mode=False)
+        return result if isinstance(result, int) else 0  # click returns Exit's code here
     except DrpcError as exc:
         if debug:
             raise
         typer.echo(f"drpc: error: {exc}", err=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except (typer.Exit, click.exceptions.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        typer.echo("drpc: interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
         typer.echo("drpc: interrupted; no package was written", err=True)
         return 130
-    except Exception as exc:  # a bug in drpc: still one line unless --debug
-        if debug:
+    except Exception as exc:
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # typer's/click's usage errors
+            exc.show()
+            return exc.exit_code
+        if debug:  # a bug in drpc: still one line unless --debug
             raise
         typer.echo(f"drpc: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", err=True)
         return 1

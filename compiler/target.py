@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 
 from compiler.errors import TargetError
+
+TARGETS_DIR = Path(__file__).resolve().parent / "targets"
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Target:
 
 def target_names() -> list[str]:
     """Names of every shipped target."""
-    folder = resources.files("compiler.targets")
+    folder = TARGETS_DIR
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and p.name != "target.schema.json")
 
 
@@ -72,13 +74,13 @@ def list_targets() -> list[Target]:
 
 @lru_cache(maxsize=None)
 def _load(name: str) -> Target:
-    folder = resources.files("compiler.targets")
+    folder = TARGETS_DIR
     filename = f"{name}.json"
     try:
-        data = json.loads(folder.joinpath(filename).read_text())
+        data = json.loads((folder / filename).read_text())
     except json.JSONDecodeError as exc:
         raise TargetError(f"target file {filename} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    schema = json.loads(folder.joinpath("target.schema.json").read_text())
+    schema = json.loads((folder / "target.schema.json").read_text())
     error = next(iter(jsonschema.Draft202012Validator(schema).iter_errors(data)), None)
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "(root)"

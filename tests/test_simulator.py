@@ -84,7 +84,7 @@ def _misalign(d):
 
 
 def _region_outside(d):
-    region = d["memory"]["regions"][-1]
+    region = [r for r in d["memory"]["regions"] if r["size"] > 0][-1]
     region["base"] = d["target"]["memory"]["base"] + d["target"]["memory"]["size"]
 
 

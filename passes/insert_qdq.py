@@ -1,0 +1,141 @@
+"""insert-qdq: place QuantizeLinear/DequantizeLinear nodes for int8 deployment (scales set by `calibrate`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compiler.errors import UnsupportedModelError
+from compiler.passmanager import Pass, register_pass
+from compiler.rewrite import fresh_name, is_graph_output
+from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, is_weight_input,
+                                 quantize_weight, weight_axis)
+
+ALWAYS_FLOAT = {"LSTM", "GRU", "RNN", "If", "Loop", "Scan", "NonMaxSuppression", "TopK"}
+
+
+@register_pass
+class InsertQDQ(Pass):
+    """Quantize weights to int8 per channel and mark every activation that int8 ops read or write with Q/DQ.
+
+    Guarantees: weights of Conv/ConvTranspose/Gemm/MatMul become int8 initializers (symmetric, per output
+    channel) read through DequantizeLinear with the right axis; each float activation read or written by a
+    quantized op gets one uint8 QuantizeLinear→DequantizeLinear pair (placeholder scale 1, zero point 0 until
+    `calibrate`); a Relu/Clip right after a quantized op is absorbed into the range of its output (the pair
+    goes after it); data-movement ops are quantized only when their input is; ops in the target's
+    float_ops, LSTM/GRU/If/Loop, custom-domain ops, nodes matched by --exclude and ops the target runs on the
+    CPU stay float; graph outputs keep their names and stay float. Needs opset >= 13.
+    """
+
+    name = "insert-qdq"
+
+    def run(self, module, ctx) -> bool:
+        if module.opset < 13:
+            raise UnsupportedModelError(f"per-channel QDQ needs opset >= 13 but the model has opset {module.opset}; "
+                                        f"put upgrade-opset{{min=13}} before insert-qdq")
+        module.infer_shapes()
+        graph = module.graph
+        float_reason = self._float_nodes(module, ctx)
+        quantized = [n for n in graph.nodes if n.name not in float_reason and n.op in COMPUTE_OPS | SHARED_SCALE_OPS]
+        weights = self._quantize_weights(graph, quantized)
+        tensors = self._activation_tensors(graph, quantized)
+        for tensor in tensors:
+            add_qdq(graph, tensor)
+        graph.toposort()
+        if ctx is not None:
+            ctx.log(quantized_nodes=len(quantized), quantized_weights=weights, activation_pairs=len(tensors),
+                    float_nodes={k: v for k, v in float_reason.items() if v != "not quantizable"})
+            for node in quantized:
+                ctx.layer(node.name, quantized=True)
+            for name, reason in float_reason.items():
+                if reason != "not quantizable":
+                    ctx.layer(name, quantized=False, float_reason=reason)
+        return bool(weights or tensors)
+
+    @staticmethod
+    def _float_nodes(module, ctx) -> dict[str, str]:
+        exclude = set((ctx.options.get("exclude") or []) if ctx is not None else [])
+        target = getattr(ctx, "target", None)
+        float_ops = set(getattr(target, "float_ops", ()))
+        cpu = {}
+        if target is not None:
+            from backends.partition import partition
+
+            part = partition(module.to_proto(infer_shapes=True), target)
+            cpu = {n: r for n, r in part.reasons.items()}
+        reasons = {}
+        for node in module.graph.nodes:
+            if node.name in exclude or node.op in exclude:
+                reasons[node.name] = "excluded by --exclude"
+            elif node.op in float_ops:
+                reasons[node.name] = f"{node.op} is kept out of quantization on {target.name}"
+            elif node.op in ALWAYS_FLOAT or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+                reasons[node.name] = f"{node.op} stays float"
+            elif (node.domain or "") not in ("", "ai.onnx"):
+                reasons[node.name] = f"custom domain {node.domain} stays float"
+            elif node.name in cpu and node.op in COMPUTE_OPS:
+                reasons[node.name] = f"runs on the CPU: {cpu[node.name]}"
+            elif node.op not in COMPUTE_OPS | SHARED_SCALE_OPS:
+                reasons[node.name] = "not quantizable"
+        return reasons
+
+    @staticmethod
+    def _quantize_weights(graph: gs.Graph, quantized: list[gs.Node]) -> int:
+        count = 0
+        for node in quantized:
+            for index in range(len(node.inputs)):
+                if not is_weight_input(node, index):
+                    continue
+                weight = node.inputs[index]
+                values = np.asarray(weight.values, dtype=np.float32)
+                if node.op == "ConvTranspose" and node.attrs.get("group", 1) != 1:
+                    continue  # per-channel axis 1 does not cover grouped transposed convs: keep float
+                axis = weight_axis(node, values)
+                q, scale = quantize_weight(values, axis)
+                q_const = gs.Constant(fresh_name(graph, weight.name + "_int8"), q)
+                s_const = gs.Constant(fresh_name(graph, weight.name + "_wscale"), scale)
+                z_const = gs.Constant(fresh_name(graph, weight.name + "_wzero"), np.zeros(scale.shape, np.int8))
+                out = gs.Variable(fresh_name(graph, weight.name + "_dequantized"), dtype=np.float32, shape=list(values.shape))
+                graph.nodes.append(gs.Node("DequantizeLinear", fresh_name(graph, node.name + "_weight_DequantizeLinear"),
+                                           attrs={"axis": axis}, inputs=[q_const, s_const, z_const], outputs=[out]))
+                node.inputs[index] = out
+                count += 1
+        return count
+
+    @staticmethod
+    def _activation_tensors(graph: gs.Graph, quantized: list[gs.Node]) -> list[gs.Variable]:
+        names = {n.name for n in quantized}
+        chosen: dict[int, gs.Variable] = {}
+
+        def want(t: gs.Tensor) -> None:
+            if (isinstance(t, gs.Variable) and t.name and t.dtype is not None and np.dtype(t.dtype) == np.float32
+                    and not is_graph_output(graph, t) and not (t.inputs and t.inputs[0].op == "DequantizeLinear")):
+                chosen[id(t)] = t
+
+        for node in graph.nodes:  # topological order: shared-scale ops see their input's decision
+            if node.name not in names:
+                continue
+            if node.op in SHARED_SCALE_OPS:
+                if node.inputs and id(node.inputs[0]) in chosen:
+                    for out in node.outputs:
+                        want(_absorbed_output(graph, out))
+                continue
+            for i, t in enumerate(node.inputs):
+                if not is_weight_input(node, i) and not (node.op in ("Conv", "ConvTranspose", "Gemm") and i == 2):
+                    if not isinstance(t, gs.Constant):
+                        want(t)
+            for out in node.outputs:
+                want(_absorbed_output(graph, out))
+        return list(chosen.values())
+
+
+def _absorbed_output(graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor whose range stands for `tensor`: the output of a Relu/Clip that is its only reader."""
+    readers = tensor.outputs
+    if len(readers) == 1 and readers[0].op in ABSORBED_ACTIVATIONS and not is_graph_output(graph, tensor):
+        act = readers[0]
+        if act.op == "Clip" and any(len(act.inputs) > i and act.inputs[i].name and not isinstance(act.inputs[i], gs.Constant)
+                                    for i in (1, 2)):
+            return tensor
+        return act.outputs[0]
+    return tensor

@@ -1,0 +1,130 @@
+"""Shared by the pruning modes: which layers are prunable, and second-order input statistics per layer.
+
+For a layer y = W x, the statistic is H = Σ x xᵀ over calibration samples (for Conv, x is an im2col patch of
+the layer input, per group), accumulated batch by batch with a bounded number of positions per sample, plus
+the patch sum and count (for least-squares refits with an intercept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compiler.activations import stream_activations
+from compiler.rewrite import const_value
+
+PRUNABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+POSITIONS_PER_SAMPLE = 256  # im2col rows kept per sample and layer (random subset of output positions)
+
+
+def prunable_layers(graph: gs.Graph, first_layer: bool, classifier: bool) -> list[gs.Node]:
+    """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float weight (rank >= 2), in topological order,
+    without the first Conv and the last Gemm/MatMul unless asked."""
+    layers = []
+    for node in graph.nodes:
+        if node.op not in PRUNABLE or len(node.inputs) < 2:
+            continue
+        w = const_value(node.inputs[1])
+        if w is None or w.ndim < 2 or w.dtype.kind != "f" or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            continue
+        layers.append(node)
+    convs = [n for n in layers if n.op in ("Conv", "ConvTranspose")]
+    heads = [n for n in layers if n.op in ("Gemm", "MatMul")]
+    if convs and not first_layer:
+        layers.remove(convs[0])
+    if heads and not classifier:
+        layers.remove(heads[-1])
+    return layers
+
+
+def weight_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:
+    """The weight as [outputs, inputs] rows matching `layer_inputs` columns (Conv: [Cout, Cin/g*kh*kw])."""
+    if node.op == "Conv":
+        return weight.reshape(weight.shape[0], -1)
+    if node.op == "Gemm":
+        return weight if node.attrs.get("transB", 0) else weight.T
+    if node.op == "MatMul":
+        return weight.T
+    return weight.reshape(weight.shape[0], -1)
+
+
+def rows_to_weight(node: gs.Node, rows: np.ndarray, shape: tuple) -> np.ndarray:
+    """Inverse of `weight_rows`."""
+    if (node.op == "Gemm" and not node.attrs.get("transB", 0)) or node.op == "MatMul":
+        return rows.T.reshape(shape)
+    return rows.reshape(shape)
+
+
+@dataclass
+class LayerStats:
+    """Σ x xᵀ (per group for grouped Conv), Σ x and the number of rows seen."""
+
+    groups: int
+    hessians: list[np.ndarray] = field(default_factory=list)
+    sums: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, rows_per_group: list[np.ndarray]) -> None:
+        """Accumulate one batch of rows (one [n, d] array per group)."""
+        if not self.hessians:
+            self.hessians = [np.zeros((r.shape[1], r.shape[1])) for r in rows_per_group]
+            self.sums = [np.zeros(r.shape[1]) for r in rows_per_group]
+        for g, r in enumerate(rows_per_group):
+            r64 = r.astype(np.float64)
+            self.hessians[g] += r64.T @ r64
+            self.sums[g] += r64.sum(axis=0)
+        self.count += rows_per_group[0].shape[0]
+
+
+def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """Rows of the layer's input matching `weight_rows` columns, split by group; None when unsupported."""
+    if node.op in ("Gemm", "MatMul"):
+        return [x.reshape(-1, x.shape[-1])]
+    if node.op != "Conv" or x.ndim != 4:
+        return None
+    w = node.inputs[1].values
+    kh, kw = w.shape[2], w.shape[3]
+    group = node.attrs.get("group", 1)
+    sh, sw = (list(node.attrs.get("strides", [1, 1])) + [1, 1])[:2]
+    dh, dw = (list(node.attrs.get("dilations", [1, 1])) + [1, 1])[:2]
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # N, C, Ho, Wo, kh, kw
+    n, c, ho, wo = win.shape[:4]
+    take = min(POSITIONS_PER_SAMPLE, ho * wo)
+    rows = []
+    for i in range(n):
+        pos = rng.choice(ho * wo, size=take, replace=False) if take < ho * wo else np.arange(ho * wo)
+        patches = win[i].reshape(c, ho * wo, kh, kw)[:, pos]          # C, P, kh, kw
+        rows.append(patches.transpose(1, 0, 2, 3))                     # P, C, kh, kw
+    patches = np.concatenate(rows)                                     # N*P, C, kh, kw
+    cg = c // group
+    return [patches[:, g * cg:(g + 1) * cg].reshape(len(patches), -1) for g in range(group)]
+
+
+def input_channel_norms(module, ctx, layers: list[gs.Node]) -> dict[str, LayerStats]:
+    """LayerStats for every layer, from one streaming pass over the calibration data."""
+    if ctx is None or ctx.calib is None:
+        return {}
+    proto = module.to_proto()
+    names = sorted({n.inputs[0].name for n in layers})
+    stats = {n.name: LayerStats(groups=n.attrs.get("group", 1) if n.op == "Conv" else 1) for n in layers}
+    rng = np.random.default_rng(ctx.options.get("seed", 0) if ctx.options else 0)
+    by_input: dict[str, list[gs.Node]] = {}
+    for n in layers:
+        by_input.setdefault(n.inputs[0].name, []).append(n)
+    with ctx.progress("Collecting pruning statistics", ctx.calib.num_samples) as advance:
+        for values in stream_activations(proto, names, ctx.calib, batch_size=8, progress=advance):
+            for name, x in values.items():
+                for node in by_input[name]:
+                    rows = layer_inputs(node, np.asarray(x, np.float32), rng)
+                    if rows is not None:
+                        stats[node.name].add(rows)
+    return {k: v for k, v in stats.items() if v.count}

@@ -1,0 +1,125 @@
+"""Unstructured (or N:M) sparsity for one layer with optimal-brain-surgeon updates (the SparseGPT scheme).
+
+Columns are processed left to right; in each block of columns the weights with the smallest
+w² / [H⁻¹]_jj of every row are zeroed and the error of each zeroed or kept weight is pushed onto the
+columns not yet processed through the Cholesky factor of H⁻¹, so the layer output on the calibration
+data changes as little as possible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.prune_common import LayerStats, rows_to_weight, weight_rows
+
+BLOCK = 64
+DAMP = 0.01
+
+
+def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: LayerStats | None,
+                       n_m: tuple[int, int] | None) -> tuple[np.ndarray, str]:
+    """The pruned weight (same shape, exactly round(ratio x size) zeros per row) and how it was refit."""
+    rows = weight_rows(node, weight).astype(np.float64)
+    groups = stats.groups if stats is not None else 1
+    per_group = rows.shape[0] // groups
+    out = np.empty_like(rows)
+    method = "obs" if stats is not None else "magnitude"
+    for g in range(groups):
+        block = rows[g * per_group:(g + 1) * per_group]
+        if stats is None:
+            out[g * per_group:(g + 1) * per_group] = _magnitude(block, ratio, n_m)
+        else:
+            out[g * per_group:(g + 1) * per_group] = obs_prune(block, stats.hessians[g], ratio, n_m)
+    return rows_to_weight(node, out, weight.shape).astype(np.float32), method
+
+
+def magnitude_prune(rows: np.ndarray, ratio: float) -> np.ndarray:
+    """Zero the round(ratio x width) smallest-magnitude weights of every row (the baseline)."""
+    return _magnitude(rows, ratio, None)
+
+
+def _magnitude(rows: np.ndarray, ratio: float, n_m) -> np.ndarray:
+    k = int(round(ratio * rows.shape[1]))
+    out = rows.copy()
+    if n_m is not None:
+        return _n_m_mask(rows, np.abs(rows), n_m) * rows
+    if k:
+        idx = np.argsort(np.abs(rows), axis=1)[:, :k]
+        np.put_along_axis(out, idx, 0.0, axis=1)
+    return out
+
+
+def _n_m_mask(rows, score, n_m):
+    n, m = n_m
+    width = rows.shape[1] - rows.shape[1] % m
+    mask = np.ones_like(rows)
+    blocks = score[:, :width].reshape(rows.shape[0], -1, m)
+    drop = np.argsort(blocks, axis=2)[:, :, : m - n]
+    view = mask[:, :width].reshape(rows.shape[0], -1, m)
+    np.put_along_axis(view, drop, 0.0, axis=2)
+    return mask
+
+
+def obs_prune(rows: np.ndarray, hessian: np.ndarray, ratio: float, n_m=None) -> np.ndarray:
+    """Prune `rows` ([outputs, d]) to `ratio` zeros per row, compensating with H = Σ x xᵀ ([d, d])."""
+    w = rows.copy()
+    d = w.shape[1]
+    h = hessian.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMP * np.mean(np.diag(h)) * np.eye(d)
+    try:
+        hinv = np.linalg.inv(h)
+        u = np.linalg.cholesky(hinv).T  # upper factor: H⁻¹ = Uᵀ U
+    except np.linalg.LinAlgError:
+        return _magnitude(rows, ratio, n_m)
+    k_total = int(round(ratio * d))
+    mask = np.zeros_like(w, dtype=bool)  # True = pruned
+    for start in range(0, d, BLOCK):
+        end = min(start + BLOCK, d)
+        wb = w[:, start:end].copy()
+        ub = u[start:end, start:end]
+        saliency = wb**2 / (np.diag(ub)[None, :] ** 2)
+        if n_m is not None:
+            mb = _n_m_mask(wb, saliency, n_m) == 0
+        else:
+            k = int(round(k_total * end / d)) - int(round(k_total * start / d))  # exact total per row
+            mb = np.zeros_like(wb, dtype=bool)
+            if k:
+                idx = np.argsort(saliency, axis=1)[:, :k]
+                np.put_along_axis(mb, idx, True, axis=1)
+        mask[:, start:end] = mb
+        err = np.zeros_like(wb)
+        for j in range(end - start):
+            col = wb[:, j]
+            q = np.where(mb[:, j], 0.0, col)
+            e = (col - q) / ub[j, j]
+            wb[:, j] = q
+            wb[:, j + 1:] -= np.outer(e, ub[j, j + 1:])
+            err[:, j] = e
+        w[:, start:end] = wb
+        w[:, end:] -= err @ u[start:end, end:]
+    w[mask] = 0.0
+    return w
+
+
+def error_curve(rows: np.ndarray, hessian: np.ndarray | None, ratios: np.ndarray) -> np.ndarray:
+    """Estimated relative output error of pruning `rows` to each ratio: the OBS saliency Σ w²/[H⁻¹]_jj of the
+    weights that would go, over the output energy tr(W H Wᵀ) (plain magnitude² without statistics)."""
+    if hessian is None:
+        sal = rows**2
+        energy = max(float(sal.sum()), 1e-30)
+    else:
+        h = hessian + DAMP * np.mean(np.diag(hessian)) * np.eye(hessian.shape[0]) + 1e-12 * np.eye(hessian.shape[0])
+        try:
+            hinv_diag = np.diag(np.linalg.inv(h))
+        except np.linalg.LinAlgError:
+            hinv_diag = 1.0 / np.maximum(np.diag(h), 1e-12)
+        sal = rows**2 / hinv_diag[None, :]
+        energy = max(float(np.einsum("ij,jk,ik->", rows, hessian, rows)), 1e-30)
+    cum = np.cumsum(np.sort(sal, axis=1), axis=1).sum(axis=0)  # error of dropping the k smallest per row
+    cum = np.concatenate([[0.0], cum])
+    ks = np.round(ratios * rows.shape[1]).astype(int)
+    return cum[ks] / energy
