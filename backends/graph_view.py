@@ -41,7 +41,8 @@ class GraphView:
             if not tt.HasField("shape"):
                 shape = None
             else:
-                shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+                shape = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                         for d in tt.shape.dim]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else None
             out[vi.name] = (shape, dtype)
         for name, value in self.consts.items():

@@ -11,7 +11,7 @@ import numpy as np
 
 from compiler.calib_data import ImagePreprocess, InputSpec, load_calibration
 from compiler.context import CompileContext
-from compiler.errors import UsageError
+from compiler.errors import DrpcError, UnsupportedModelError, UsageError
 from compiler.instrument import DumpIR, LosslessCheck, Recorder, ReferenceSnapshot, Verifier
 from compiler.ir import Module
 from compiler.pipeline import default_pipeline_text, parse_pipeline
@@ -59,7 +59,8 @@ def input_specs(module: Module) -> list[InputSpec]:
     """The model's real inputs (not initializers) as InputSpecs for calibration loading."""
     specs = []
     for t in module.graph.inputs:
-        shape = tuple(d if isinstance(d, int) else (d or None) for d in (t.shape or []))
+        shape = tuple(d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None)
+                      for d in (t.shape or []))
         specs.append(InputSpec(t.name, shape, np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)))
     return specs
 
@@ -82,7 +83,8 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
                   preprocess: ImagePreprocess | None = None, pipeline: str | None = None,
                   exclude: list[str] | tuple[str, ...] = (), max_drop: float | None = None,
                   dump_ir: str | Path | None = None, verify: bool = True, force: bool = False,
-                  show_progress: bool = False, seed: int = 0) -> CompileResult:
+                  input_shapes: dict[str, list[int]] | None = None, show_progress: bool = False,
+                  seed: int = 0) -> CompileResult:
     """Compile `model_path` for `target` into the package folder `out_dir` (default: `<model stem>_<target>`).
 
     The input file is never modified; the package appears only when everything succeeded.
@@ -108,12 +110,17 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
     pm = parse_pipeline(text)
 
     module = Module.load(model_path)
+    if input_shapes:
+        set_input_shapes(module, input_shapes)
     data = load_calibration(calib, input_specs(module), max_samples=calib_samples, preprocess=preprocess, seed=seed)
+    fixed = fix_symbolic_dims(module, data)
     ctx = CompileContext(target=tgt, calib=data, show_progress=show_progress,
                          options={"exclude": list(exclude), "max_drop": max_drop, "seed": seed,
                                   "preprocessing": _preprocessing_facts(preprocess, module)})
     if data.synthetic:
         ctx.warn("no --calib data: calibrated on synthetic inputs, accuracy is UNMEASURED")
+    for name, shape in fixed.items():
+        ctx.warn(f"input '{name}' has symbolic dims: compiled for shape {shape} (from the calibration data)")
     check = LosslessCheck(data.first(2)) if verify else None
     hooks = [Recorder(), ReferenceSnapshot()]
     if verify:
@@ -122,7 +129,13 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
         hooks.append(DumpIR(dump_ir))
     for hook in hooks:
         pm.instrument(hook)
-    pm.run(module, ctx)
+    try:
+        pm.run(module, ctx)
+    except DrpcError as exc:
+        if data.synthetic and "onnxruntime cannot run" in str(exc):
+            raise UnsupportedModelError(f"{exc} (on synthetic inputs {_shapes(data.first(1))}: give --calib data "
+                                        f"or --input-shape NAME=d0,d1,...)") from None
+        raise
 
     final = module.to_proto(infer_shapes=True)
     package = PackageInputs(model=final, reference=ctx.reference, target=tgt, ctx=ctx, source_path=model_path,
@@ -130,6 +143,56 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
     descriptor = emit_package(package, out, force)
     return CompileResult(out_dir=out, pipeline=text, descriptor=descriptor, records=ctx.records,
                          warnings=ctx.warnings, lossless_error=dict(check.worst) if check else {})
+
+
+def set_input_shapes(module: Module, shapes: dict[str, list[int]]) -> None:
+    """Fix the shapes of named graph inputs (UsageError for an unknown name or a rank mismatch)."""
+    inputs = {t.name: t for t in module.graph.inputs}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise UsageError(f"--input-shape {name}: the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        old = inputs[name].shape
+        if old is not None and len(old) != len(shape):
+            raise UsageError(f"--input-shape {name}: rank {len(shape)} given, the input has rank {len(old)}")
+        inputs[name].shape = list(shape)
+    module.infer_shapes()
+
+
+def fix_symbolic_dims(module: Module, data) -> dict[str, list]:
+    """Give symbolic non-batch input dims the calibration data's sizes (the batch dim stays symbolic)."""
+    sample = data.first(1)
+    fixed = {}
+    for t in module.graph.inputs:
+        shape = list(t.shape or [])
+        if t.name not in sample or len(shape) < 2 or all(isinstance(d, int) and d >= 0 for d in shape[1:]):
+            continue
+        got = sample[t.name].shape
+        if len(got) != len(shape):
+            continue
+        new = [shape[0]] + [d if isinstance(d, int) and d >= 0 else int(g) for d, g in zip(shape[1:], got[1:])]
+        t.shape = new
+        fixed[t.name] = ["N" if not isinstance(new[0], int) else new[0]] + new[1:]
+    if fixed:
+        module.infer_shapes()
+    return fixed
+
+
+def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:
+    """`NAME=d0,d1,...` strings into a dict; UsageError naming the bad item."""
+    shapes = {}
+    for item in items:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")] if dims else []
+        except ValueError:
+            raise UsageError(f"--input-shape {item!r}: expected NAME=d0,d1,... with integer dims") from None
+        if not name or any(d < 1 for d in shapes[name]):
+            raise UsageError(f"--input-shape {item!r}: expected NAME=d0,d1,... with positive dims")
+    return shapes
+
+
+def _shapes(feed: dict) -> str:
+    return ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
 
 
 def _flatten(pm):

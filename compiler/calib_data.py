@@ -80,8 +80,11 @@ class CalibrationSet:
                  fetch: Callable[[int, int], dict[str, np.ndarray]], origin: str):
         self.specs, self.num_samples, self.source, self.synthetic = specs, num_samples, source, synthetic
         self._fetch, self._origin = fetch, origin
+        self.one_per_batch = False  # each sample is a whole feed (data of rank model rank + 1)
 
     def _batch_size(self, wanted: int) -> int:
+        if self.one_per_batch:
+            return 1
         fixed = [s.shape[0] for s in self.specs if s.shape and isinstance(s.shape[0], int)]
         return min(fixed) if fixed else wanted
 
@@ -151,7 +154,7 @@ def _synthetic(inputs: list[InputSpec], seed: int) -> CalibrationSet:
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in inputs:
-        shape = _synthetic_shape(spec)
+        shape = _synthetic_shape(spec)  # per sample: the whole input when its first dim is fixed, else a row
         if spec.dtype.kind == "f":
             arrays[spec.name] = np.clip(rng.standard_normal((SYNTHETIC_SAMPLES,) + shape), -3, 3).astype(spec.dtype)
         elif spec.dtype.kind == "b":
@@ -164,10 +167,11 @@ def _synthetic(inputs: list[InputSpec], seed: int) -> CalibrationSet:
 
 
 def _synthetic_shape(spec: InputSpec) -> tuple:
-    dims = list(spec.shape[1:]) if spec.shape else []
-    if len(spec.shape) == 4:  # symbolic spatial dims of an image input
-        return tuple(d if isinstance(d, int) else (224 if i > 0 else 3) for i, d in enumerate(dims))
-    return tuple(d if isinstance(d, int) else 1 for d in dims)
+    if not spec.shape:
+        return ()
+    dims = list(spec.shape) if isinstance(spec.shape[0], int) else list(spec.shape[1:])
+    unknown = 224 if len(spec.shape) == 4 else 1  # symbolic dims of an image input (NCHW or NHWC): image-sized
+    return tuple(d if isinstance(d, int) else unknown for d in dims)
 
 
 def _npy(path: Path, inputs: list[InputSpec]) -> CalibrationSet:
@@ -238,7 +242,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[InputSpec], source:
             if mode is None:
                 value = np.asarray(arr)
             elif mode == "whole":
-                value = np.concatenate([np.asarray(a) for a in arr[start:stop]], axis=0) if len(spec.shape) else np.asarray(arr[start])
+                value = np.asarray(arr[start])
             elif mode == "scalar":
                 value = np.asarray(arr[start])
             else:
@@ -246,7 +250,9 @@ def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[InputSpec], source:
             feed[spec.name] = value.astype(spec.dtype, copy=False)
         return feed
 
-    return CalibrationSet(list(inputs), n, f"{source} ({n} samples)", synthetic, fetch, origin)
+    data = CalibrationSet(list(inputs), n, f"{source} ({n} samples)", synthetic, fetch, origin)
+    data.one_per_batch = "whole" in per_sample.values()
+    return data
 
 
 def _check_dtype(arr: np.ndarray, spec: InputSpec, origin: str) -> None:

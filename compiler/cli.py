@@ -41,6 +41,7 @@ def compile_cmd(
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass that changed it."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pass pipeline text replacing the target's default."),
     print_pipeline: bool = typer.Option(False, "--print-pipeline", help="Print the pipeline that would run and exit."),
+    input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", help="Fix an input's shape: NAME=d0,d1,... (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Node name or op type to keep in float (repeatable)."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget in points vs fp32 on the calibration data."),
     timing: bool = typer.Option(False, "--timing", help="Show the time each pass took."),
@@ -48,7 +49,7 @@ def compile_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Compile MODEL into a deployment package for a target."""
-    from compiler.api import compile_model, resolve_pipeline
+    from compiler.api import compile_model, parse_input_shapes, resolve_pipeline
     from compiler.calib_data import parse_preprocess
     from compiler.target import load_target
 
@@ -62,7 +63,8 @@ def compile_cmd(
     result = compile_model(model, target, out_dir, prune=prune, prune_mode=prune_mode, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples, preprocess=preprocess,
                            pipeline=pipeline, exclude=exclude or [], max_drop=max_drop, dump_ir=dump_ir,
-                           verify=verify, force=force, show_progress=wants_progress(json_out))
+                           verify=verify, force=force, input_shapes=parse_input_shapes(input_shape or []),
+                           show_progress=wants_progress(json_out))
     if json_out:
         typer.echo(json.dumps(result.summary(), indent=2, default=str))
         return

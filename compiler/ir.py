@@ -74,6 +74,7 @@ class Module:
                 raise ModelLoadError(f"{source}: rejected by onnx checker: {_first_line(exc)}") from None
         if len(proto.graph.output) == 0:
             raise ModelLoadError(f"{source}: model has no outputs")
+        proto = _name_negative_dims(proto)
         try:
             graph = gs.import_onnx(proto)
         except Exception as exc:
@@ -248,6 +249,20 @@ def _attr(value) -> str:
     if isinstance(value, bytes):
         return repr(value.decode(errors="replace"))
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def _name_negative_dims(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Some exporters write -1 for unknown dims; give those dims names (a copy is made only when needed)."""
+    ios = list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info)
+    if not any(d.HasField("dim_value") and d.dim_value < 0 for vi in ios for d in vi.type.tensor_type.shape.dim):
+        return proto
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for vi in list(fixed.graph.input) + list(fixed.graph.output) + list(fixed.graph.value_info):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.dim_param = "batch" if i == 0 else f"{vi.name}_dim{i}"
+    return fixed
 
 
 def _min_ir_version(opset: int) -> int:

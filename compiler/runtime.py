@@ -9,7 +9,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from compiler.errors import UnsupportedModelError
 from compiler.ir import PROTOBUF_LIMIT, save_proto
+
+ort.set_default_logger_severity(4)  # onnxruntime's own error lines would reach the user's terminal
 
 
 def session_options(threads: int = 0, optimize: bool = True) -> ort.SessionOptions:
@@ -38,6 +41,12 @@ def make_session(model: onnx.ModelProto | str | Path, threads: int = 0, optimize
 
 def run_model(model, feed: dict[str, np.ndarray], output_names: list[str] | None = None) -> list[np.ndarray]:
     """Run `model` once on `feed` (extra feed entries the model does not take are ignored)."""
-    sess = model if isinstance(model, ort.InferenceSession) else make_session(model)
-    wanted = {i.name for i in sess.get_inputs()}
-    return sess.run(output_names, {k: v for k, v in feed.items() if k in wanted})
+    try:
+        sess = model if isinstance(model, ort.InferenceSession) else make_session(model)
+        wanted = {i.name for i in sess.get_inputs()}
+        return sess.run(output_names, {k: v for k, v in feed.items() if k in wanted})
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot run the model: {text}") from None

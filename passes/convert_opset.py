@@ -27,8 +27,14 @@ class UpgradeOpset(Pass):
         old = module.opset
         if old >= self.min:
             return False
+        proto = module.to_proto()
+        inits = {t.name for t in proto.graph.initializer}
+        kept = [i for i in proto.graph.input if i.name not in inits]  # old IR: weights listed as inputs
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)
+        proto.ir_version = max(proto.ir_version, 7)
         try:
-            converted = version_converter.convert_version(module.to_proto(), self.min)
+            converted = version_converter.convert_version(proto, self.min)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedModelError(f"cannot convert the model from opset {old} to {self.min}: {first}") from None
