@@ -198,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     try:
         result = app(args=args, prog_name="drpc", standalone_mode=False)
-        return result if isinstance(result, int) else 0  # click returns Exit's code here
+        code = result if isinstance(result, int) else 0  # typer returns an Exit's code here
+        if code == 130:  # typer turns Ctrl-C into Exit(130)
+            typer.echo("drpc: interrupted; no package was written", err=True)
+        return code
     except DrpcError as exc:
         if debug:
             raise
