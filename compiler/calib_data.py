@@ -151,19 +151,35 @@ def load_calibration(path: str | Path | None, inputs: list[InputSpec], *, max_sa
 
 # ----------------------------------------------------------------------------- formats
 def _synthetic(inputs: list[InputSpec], seed: int) -> CalibrationSet:
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for spec in inputs:
-        shape = _synthetic_shape(spec)  # per sample: the whole input when its first dim is fixed, else a row
+    """SYNTHETIC_SAMPLES deterministic samples, generated batch by batch (never all at once)."""
+    shapes = {spec.name: _synthetic_shape(spec) for spec in inputs}
+
+    def sample(spec: InputSpec, index: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, index])
+        shape = shapes[spec.name]
         if spec.dtype.kind == "f":
-            arrays[spec.name] = np.clip(rng.standard_normal((SYNTHETIC_SAMPLES,) + shape), -3, 3).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            arrays[spec.name] = np.zeros((SYNTHETIC_SAMPLES,) + shape, dtype=spec.dtype)
-        elif not spec.shape:
-            arrays[spec.name] = np.full((SYNTHETIC_SAMPLES,), 16000 if "sr" in spec.name else 0, dtype=spec.dtype)
-        else:
-            arrays[spec.name] = rng.integers(0, 256, size=(SYNTHETIC_SAMPLES,) + shape).astype(spec.dtype)
-    return _from_arrays(arrays, inputs, "synthetic inputs", synthetic=True, origin="synthetic data")
+            return np.clip(rng.standard_normal(shape), -3, 3).astype(spec.dtype)
+        if spec.dtype.kind == "b":
+            return np.zeros(shape, dtype=spec.dtype)
+        if not spec.shape:
+            return np.array(16000 if "sr" in spec.name else 0, dtype=spec.dtype)
+        return rng.integers(0, 256, size=shape).astype(spec.dtype)
+
+    whole = {spec.name: bool(spec.shape) and isinstance(spec.shape[0], int) for spec in inputs}
+
+    def fetch(start: int, stop: int) -> dict[str, np.ndarray]:
+        feed = {}
+        for spec in inputs:
+            if not spec.shape or whole[spec.name]:
+                feed[spec.name] = sample(spec, start)
+            else:
+                feed[spec.name] = np.stack([sample(spec, i) for i in range(start, stop)])
+        return feed
+
+    data = CalibrationSet(list(inputs), SYNTHETIC_SAMPLES, f"synthetic inputs ({SYNTHETIC_SAMPLES} samples)", True,
+                          fetch, "synthetic data")
+    data.one_per_batch = any(whole.values()) or any(not spec.shape for spec in inputs)
+    return data
 
 
 def _synthetic_shape(spec: InputSpec) -> tuple:

@@ -70,9 +70,8 @@ class Calibrate(Pass):
         names = sorted({q.inputs[0].name for q, _ in pairs})
         observers = {n: TensorObserver(bins=self.bins) for n in names}
         batch = _batch_size(proto, names)
-        passes = [("ranges", lambda o, x: o.observe_range(x))]
-        if self.method != "minmax":
-            passes.append(("histograms", lambda o, x: o.observe_hist(x)))
+        passes = [("ranges", lambda o, x: o.observe_range(x)),  # histograms also give the per-layer SQNR
+                  ("histograms", lambda o, x: o.observe_hist(x))]
         for label, update in passes:
             with ctx.progress(f"Calibrating ({label})", ctx.calib.num_samples) as advance:
                 for values in stream_activations(proto, names, ctx.calib, batch_size=batch, progress=advance):
