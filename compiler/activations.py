@@ -33,7 +33,7 @@ def stream_activations(proto: onnx.ModelProto, names: list[str], calib, batch_si
     One onnxruntime session serves every batch (built with graph optimizations off so that every
     requested tensor exists as computed by the float graph). `progress(n)` is called with each batch size.
     """
-    sess = make_session(with_outputs(proto, names), optimize=False)
+    sess = make_session(with_outputs(proto, names), optimize=False, arena=False)
     inputs = {i.name for i in sess.get_inputs()}
     seen = 0
     for batch in calib.batches(batch_size):

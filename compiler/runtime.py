@@ -15,19 +15,22 @@ from compiler.ir import PROTOBUF_LIMIT, save_proto
 ort.set_default_logger_severity(4)  # onnxruntime's own error lines would reach the user's terminal
 
 
-def session_options(threads: int = 0, optimize: bool = True) -> ort.SessionOptions:
-    """SessionOptions with warnings silenced; `threads` 0 lets onnxruntime choose."""
+def session_options(threads: int = 0, optimize: bool = True, arena: bool = True) -> ort.SessionOptions:
+    """SessionOptions with warnings silenced; `threads` 0 lets onnxruntime choose; `arena` False returns
+    memory after each run (for sessions that expose many intermediate tensors)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
+    opts.enable_cpu_mem_arena = arena
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return opts
 
 
-def make_session(model: onnx.ModelProto | str | Path, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto | str | Path, threads: int = 0, optimize: bool = True,
+                 arena: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the CPU for a ModelProto (through a temp file past 2 GiB) or a path."""
-    opts = session_options(threads, optimize)
+    opts = session_options(threads, optimize, arena)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, Path)):
         return ort.InferenceSession(str(model), opts, providers=providers)

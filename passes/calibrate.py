@@ -13,7 +13,7 @@ from compiler.rewrite import const_value, fresh_name
 from passes.quant_common import SHARED_SCALE_OPS, activation_qdq_pairs, set_qparams
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
-BATCH_BYTES = 256 << 20  # activations held per calibration batch
+BATCH_BYTES = 32 << 20  # activations held per calibration batch
 INT32_MAX = 2**31 - 1
 
 

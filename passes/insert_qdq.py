@@ -7,10 +7,11 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Pass, register_pass
-from compiler.rewrite import fresh_name, is_graph_output
+from compiler.rewrite import const_value, fresh_name, is_graph_output
 from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, is_weight_input,
                                  quantize_weight, weight_axis)
 
+ELEMENTWISE = {"Add", "Mul", "Sigmoid", "HardSwish", "LeakyRelu"}
 ALWAYS_FLOAT = {"LSTM", "GRU", "RNN", "If", "Loop", "Scan", "NonMaxSuppression", "TopK"}
 
 
@@ -39,8 +40,8 @@ class InsertQDQ(Pass):
         quantized = [n for n in graph.nodes if n.name not in float_reason and n.op in COMPUTE_OPS | SHARED_SCALE_OPS]
         weights = self._quantize_weights(graph, quantized)
         tensors = self._activation_tensors(graph, quantized)
-        for tensor in tensors:
-            add_qdq(graph, tensor)
+        for tensor, readers in tensors:
+            add_qdq(graph, tensor, readers=readers)
         graph.toposort()
         if ctx is not None:
             ctx.log(quantized_nodes=len(quantized), quantized_weights=weights, activation_pairs=len(tensors),
@@ -103,30 +104,63 @@ class InsertQDQ(Pass):
         return count
 
     @staticmethod
-    def _activation_tensors(graph: gs.Graph, quantized: list[gs.Node]) -> list[gs.Variable]:
+    def _activation_tensors(graph: gs.Graph, quantized: list[gs.Node]) -> list[tuple[gs.Variable, set[str]]]:
         names = {n.name for n in quantized}
+        int8: set[str] = set()
+        for node in graph.nodes:  # topological: which quantizable nodes actually compute in int8
+            if node.name not in names:
+                continue
+            if node.op in SHARED_SCALE_OPS:
+                src = _int8_source(node.inputs[0]) if node.inputs else None
+                if src is not None and src.name in int8:
+                    int8.add(node.name)
+            elif node.op not in ELEMENTWISE or _elementwise_in_int8(node, int8):
+                int8.add(node.name)
         chosen: dict[int, gs.Variable] = {}
 
         def want(t: gs.Tensor) -> None:
             if (isinstance(t, gs.Variable) and t.name and t.dtype is not None and np.dtype(t.dtype) == np.float32
                     and not is_graph_output(graph, t) and not (t.inputs and t.inputs[0].op == "DequantizeLinear")):
                 chosen[id(t)] = t
+        # int8 readers read the dequantized tensor; float readers keep the float one (no rounding for them)
 
-        for node in graph.nodes:  # topological order: shared-scale ops see their input's decision
-            if node.name not in names:
+        for node in graph.nodes:
+            if node.name not in int8:
                 continue
-            if node.op in SHARED_SCALE_OPS:
-                if node.inputs and id(node.inputs[0]) in chosen:
-                    for out in node.outputs:
-                        want(_absorbed_output(graph, out))
-                continue
-            for i, t in enumerate(node.inputs):
-                if not is_weight_input(node, i) and not (node.op in ("Conv", "ConvTranspose", "Gemm") and i == 2):
-                    if not isinstance(t, gs.Constant):
-                        want(t)
-            for out in node.outputs:
-                want(_absorbed_output(graph, out))
-        return list(chosen.values())
+            if node.op not in SHARED_SCALE_OPS:
+                for i, t in enumerate(node.inputs):
+                    if not is_weight_input(node, i) and not (node.op in ("Conv", "ConvTranspose", "Gemm") and i == 2):
+                        if not isinstance(t, gs.Constant):
+                            want(t)
+            for out in node.outputs:  # an output is stored as int8 only when an int8 op reads it
+                stored = _absorbed_output(graph, out)
+                if any(r.name in int8 for r in stored.outputs):
+                    want(stored)
+        return [(t, {r.name for r in t.outputs if r.name in int8}) for t in chosen.values()]
+
+
+def _int8_source(tensor: gs.Tensor):
+    """The node producing `tensor`, looking through an absorbed Relu/Clip."""
+    src = tensor.inputs[0] if tensor.inputs else None
+    if src is not None and src.op in ABSORBED_ACTIVATIONS and src.inputs and src.inputs[0].inputs:
+        return src.inputs[0].inputs[0]
+    return src
+
+
+def _elementwise_in_int8(node: gs.Node, quantized: set[str]) -> bool:
+    """Element-wise ops run in int8 only between int8 producers (residual Add, SE gate Mul): a constant
+    operand (scales and shifts of a written-out LayerNorm or GELU) or a float producer keeps them float."""
+    for t in node.inputs:
+        if isinstance(t, gs.Constant) or const_value(t) is not None:
+            return False
+        src = t.inputs[0] if t.inputs else None
+        while src is not None and src.op in ABSORBED_ACTIVATIONS | SHARED_SCALE_OPS and src.inputs and src.inputs[0].inputs:
+            if src.name not in quantized and src.op not in ABSORBED_ACTIVATIONS:
+                return False
+            src = src.inputs[0].inputs[0]
+        if src is None or src.name not in quantized:
+            return False
+    return True
 
 
 def _absorbed_output(graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:

@@ -48,17 +48,19 @@ def is_weight_input(node: gs.Node, index: int) -> bool:
     return value is not None and value.ndim >= 2 and value.dtype.kind == "f"
 
 
-def add_qdq(graph: gs.Graph, tensor: gs.Variable, scale: float = 1.0, zero_point: int = 0) -> gs.Variable:
-    """Insert QuantizeLinear→DequantizeLinear (uint8, per tensor) after `tensor`; readers get the DQ output."""
+def add_qdq(graph: gs.Graph, tensor: gs.Variable, scale: float = 1.0, zero_point: int = 0,
+            readers: set[str] | None = None) -> gs.Variable:
+    """Insert QuantizeLinear→DequantizeLinear (uint8, per tensor) after `tensor`; the readers named in
+    `readers` (default: all) read the DQ output, the others keep reading the float tensor."""
     base = tensor.name
     scale_c = gs.Constant(fresh_name(graph, base + "_scale"), np.array(scale, np.float32))
     zp_c = gs.Constant(fresh_name(graph, base + "_zero_point"), np.array(zero_point, np.uint8))
     q_out = gs.Variable(fresh_name(graph, base + "_quantized"), dtype=np.uint8, shape=tensor.shape)
     dq_out = gs.Variable(fresh_name(graph, base + "_dequantized"), dtype=tensor.dtype, shape=tensor.shape)
-    readers = list(tensor.outputs)
+    targets = [r for r in tensor.outputs if readers is None or r.name in readers]
     q = gs.Node("QuantizeLinear", fresh_name(graph, base + "_QuantizeLinear"), inputs=[tensor, scale_c, zp_c], outputs=[q_out])
     dq = gs.Node("DequantizeLinear", fresh_name(graph, base + "_DequantizeLinear"), inputs=[q_out, scale_c, zp_c], outputs=[dq_out])
-    for reader in readers:
+    for reader in targets:
         for i, t in enumerate(reader.inputs):
             if t is tensor:
                 reader.inputs[i] = dq_out
