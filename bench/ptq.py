@@ -89,14 +89,17 @@ def worker(tool: str, task_name: str, calib_path: str, out: str, method: str) ->
 
 # ------------------------------------------------------------------ the parent: run, measure, tabulate
 def run_tool(tool, task, calib_path, out, method) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, task.name, str(calib_path), str(out), method]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
-    _, status, usage = os.wait4(proc.pid, 0)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0 or not out.exists():
-        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": last[:160]}
-    return {"seconds": json.loads(stdout.strip().splitlines()[-1])["seconds"], "peak_mb": usage.ru_maxrss / 1024}
+    """Run one quantizer in a fresh process under GNU time: a child forked from this (large) process would
+    inherit its resident-set high-water mark, so the peak is measured by `time` around a clean exec."""
+    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, __file__, "--worker", tool, task.name,
+           str(calib_path), str(out), method]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    peak = [line for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB ")]
+    if proc.returncode != 0 or not out.exists():
+        lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("MAXRSS_KB")]
+        return {"error": (lines or ["(no output)"])[-1][:160]}
+    return {"seconds": json.loads(proc.stdout.strip().splitlines()[-1])["seconds"],
+            "peak_mb": int(peak[-1].split()[1]) / 1024 if peak else float("nan")}
 
 
 def latency_ms(model_path, task, repeats: int) -> float:
@@ -152,7 +155,13 @@ def main() -> None:
                 out = Path(tmp) / f"{name}_{tool}.onnx"
                 row = {"model": name, "tool": tool, **run_tool(tool, task, calib_path, out, args.method)}
                 if "error" not in row:
-                    row.update(evaluate(out, task, fp32))
+                    try:
+                        row.update(evaluate(out, task, fp32))
+                    except Exception as exc:  # a tool that writes a model onnxruntime refuses
+                        row = {"model": name, "tool": tool, "error": "invalid model: " + str(exc).splitlines()[0][-120:]}
+                        print(_fmt(row), flush=True)
+                        rows.append(row)
+                        continue
                     row["size_kb"] = out.stat().st_size / 1024
                     row["latency_ms"] = latency_ms(out, task, args.repeats)
                     row["speedup_vs_fp32"] = base["latency_ms"] / row["latency_ms"]

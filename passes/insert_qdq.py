@@ -6,10 +6,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
-from compiler.passmanager import Pass, register_pass
+from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import const_value, fresh_name, is_graph_output
-from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, is_weight_input,
-                                 quantize_weight, weight_axis)
+from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
+from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, gptq_round,
+                                 is_weight_input, quantize_weight, weight_axis)
 
 ELEMENTWISE = {"Add", "Mul", "Sigmoid", "HardSwish", "LeakyRelu"}
 ALWAYS_FLOAT = {"LSTM", "GRU", "RNN", "If", "Loop", "Scan", "NonMaxSuppression", "TopK"}
@@ -29,6 +30,8 @@ class InsertQDQ(Pass):
     """
 
     name = "insert-qdq"
+    OPTIONS = {"rounding": Option(str, "gptq", "weight rounding: nearest, or gptq (second-order, needs calibration data)",
+                                  choices=("nearest", "gptq"))}
 
     def run(self, module, ctx) -> bool:
         if module.opset < 13:
@@ -38,7 +41,11 @@ class InsertQDQ(Pass):
         graph = module.graph
         float_reason = self._float_nodes(module, ctx)
         quantized = [n for n in graph.nodes if n.name not in float_reason and n.op in COMPUTE_OPS | SHARED_SCALE_OPS]
-        weights = self._quantize_weights(graph, quantized)
+        stats = {}
+        if self.rounding == "gptq" and ctx is not None and ctx.calib is not None:
+            layers = [n for n in quantized if any(is_weight_input(n, i) for i in range(len(n.inputs)))]
+            stats = layer_statistics(module, ctx, layers)
+        weights = self._quantize_weights(graph, quantized, stats)
         tensors = self._activation_tensors(graph, quantized)
         for tensor, readers in tensors:
             add_qdq(graph, tensor, readers=readers)
@@ -81,7 +88,7 @@ class InsertQDQ(Pass):
         return reasons
 
     @staticmethod
-    def _quantize_weights(graph: gs.Graph, quantized: list[gs.Node]) -> int:
+    def _quantize_weights(graph: gs.Graph, quantized: list[gs.Node], stats: dict) -> int:
         count = 0
         for node in quantized:
             for index in range(len(node.inputs)):
@@ -93,6 +100,9 @@ class InsertQDQ(Pass):
                     continue  # per-channel axis 1 does not cover grouped transposed convs: keep float
                 axis = weight_axis(node, values)
                 q, scale = quantize_weight(values, axis)
+                st = stats.get(node.name)
+                if st is not None and index == 1:
+                    q = _gptq_weight(node, values, scale, st)
                 q_const = gs.Constant(fresh_name(graph, weight.name + "_int8"), q)
                 s_const = gs.Constant(fresh_name(graph, weight.name + "_wscale"), scale)
                 z_const = gs.Constant(fresh_name(graph, weight.name + "_wzero"), np.zeros(scale.shape, np.int8))
@@ -145,6 +155,17 @@ def _int8_source(tensor: gs.Tensor):
     if src is not None and src.op in ABSORBED_ACTIVATIONS and src.inputs and src.inputs[0].inputs:
         return src.inputs[0].inputs[0]
     return src
+
+
+def _gptq_weight(node: gs.Node, values: np.ndarray, scale: np.ndarray, st) -> np.ndarray:
+    """The int8 weight of `node` with GPTQ rounding (per group for grouped Conv)."""
+    rows = weight_rows(node, values.astype(np.float64))
+    per_group = rows.shape[0] // st.groups
+    out = np.empty(rows.shape, dtype=np.int8)
+    for g in range(st.groups):
+        sl = slice(g * per_group, (g + 1) * per_group)
+        out[sl] = gptq_round(rows[sl], st.hessians[g], scale[sl])
+    return rows_to_weight(node, out, values.shape)
 
 
 def _elementwise_in_int8(node: gs.Node, quantized: set[str]) -> bool:

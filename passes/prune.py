@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
 from passes.prune_channel import prune_channels
-from passes.prune_common import input_channel_norms, prunable_layers, weight_rows
+from passes.prune_common import layer_statistics, prunable_layers, weight_rows
 from passes.prune_sparse import error_curve, sparse_prune_layer
 
 
@@ -60,7 +60,7 @@ class Prune(Pass):
         if pattern in ("none", ""):
             pattern = "unstructured"
         n_m = _parse_pattern(pattern)
-        stats = input_channel_norms(module, ctx, layers)
+        stats = layer_statistics(module, ctx, layers)
         total = sum(int(np.asarray(node.inputs[1].values).size) for node in layers)
         ratios = allocate_sparsity(layers, stats, self.ratio) if n_m is None else {n.name: self.ratio for n in layers}
         zeros = 0

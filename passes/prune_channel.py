@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.rewrite import fresh_name, is_graph_output
-from passes.prune_common import input_channel_norms, rows_to_weight, weight_rows
+from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
 
 CHANNEL_WISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "MaxPool", "AveragePool",
                 "GlobalAveragePool", "GlobalMaxPool", "Identity"}
@@ -80,7 +80,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     groups = find_groups(graph, layers)
     usable = [g for g in groups if not g.blocked]
     total = sum(int(n.inputs[1].values.size) for n in layers)
-    stats = input_channel_norms(module, ctx, [g.consumer for g in usable])
+    stats = layer_statistics(module, ctx, [g.consumer for g in usable])
     cost, scores = {}, {}
     for g in usable:
         c = g.producer.inputs[1].values.shape[0]

@@ -109,7 +109,7 @@ def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> list
     return [patches[:, g * cg:(g + 1) * cg].reshape(len(patches), -1) for g in range(group)]
 
 
-def input_channel_norms(module, ctx, layers: list[gs.Node]) -> dict[str, LayerStats]:
+def layer_statistics(module, ctx, layers: list[gs.Node]) -> dict[str, LayerStats]:
     """LayerStats for every layer, from one streaming pass over the calibration data."""
     if ctx is None or ctx.calib is None:
         return {}
