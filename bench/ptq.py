@@ -67,12 +67,13 @@ def quantize_nncf(task, calib_path: Path, out: Path) -> None:
     onnx.save(q, str(out))
 
 
-def quantize_drpc(task, calib_path: Path, out: Path, method: str = "minmax") -> None:
+def quantize_drpc(task, calib_path: Path, out: Path, method: str = "default") -> None:
     """drpc's default rzv2h pipeline (no pruning) through the Python API."""
     from compiler.api import compile_model
 
     pkg = out.with_suffix("")
-    compile_model(task.model, "rzv2h", pkg, calib=calib_path, calib_method=method, force=True)
+    compile_model(task.model, "rzv2h", pkg, calib=calib_path, calib_method=None if method == "default" else method,
+                  force=True)
     os.replace(pkg / "model.onnx", out)
 
 
@@ -96,7 +97,8 @@ def run_tool(tool, task, calib_path, out, method) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
     peak = [line for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB ")]
     if proc.returncode != 0 or not out.exists():
-        lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("MAXRSS_KB")]
+        lines = [line for line in proc.stderr.strip().splitlines()
+                 if not line.startswith(("MAXRSS_KB", "Command exited", "[W:", "\x1b"))]
         return {"error": (lines or ["(no output)"])[-1][:160]}
     return {"seconds": json.loads(proc.stdout.strip().splitlines()[-1])["seconds"],
             "peak_mb": int(peak[-1].split()[1]) / 1024 if peak else float("nan")}
@@ -131,7 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(datasets.TASKS))
     ap.add_argument("--tools", nargs="*", default=list(TOOLS))
-    ap.add_argument("--method", default="minmax", help="drpc calibration method")
+    ap.add_argument("--method", default="default", help="drpc calibration method (default: the target's)")
     ap.add_argument("--repeats", type=int, default=30, help="latency repeats (median reported)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)

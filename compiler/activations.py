@@ -30,10 +30,11 @@ def stream_activations(proto: onnx.ModelProto, names: list[str], calib, batch_si
                        max_samples: int | None = None, progress=None) -> Iterator[dict[str, np.ndarray]]:
     """Yield, per calibration batch, {tensor name: value} for the requested tensors.
 
-    One onnxruntime session serves every batch (built with graph optimizations off so that every
-    requested tensor exists as computed by the float graph). `progress(n)` is called with each batch size.
+    One onnxruntime session serves every batch (requested tensors are graph outputs, so onnxruntime's
+    optimizations keep them; its memory arena is off so memory is returned after each batch).
+    `progress(n)` is called with each batch size.
     """
-    sess = make_session(with_outputs(proto, names), optimize=False, arena=False)
+    sess = make_session(with_outputs(proto, names), arena=False)
     inputs = {i.name for i in sess.get_inputs()}
     seen = 0
     for batch in calib.batches(batch_size):

@@ -144,7 +144,7 @@ def load_calibration(path: str | Path | None, inputs: list[InputSpec], *, max_sa
         data.num_samples = min(data.num_samples, max_samples)
         data.source = f"{path.name} ({data.num_samples} samples)"
     if path.suffix in (".npy", ".npz"):
-        for _ in data.batches(256):  # surface NaN/Inf before any compile work
+        for _ in data.batches(16):  # surface NaN/Inf before any compile work
             pass
     return data
 
@@ -195,14 +195,53 @@ def _npy(path: Path, inputs: list[InputSpec]) -> CalibrationSet:
         raise CalibrationDataError(f"{path}: a .npy file feeds one input, but the model has {len(inputs)} "
                                    f"({', '.join(s.name for s in inputs)}); use an .npz with one array per input")
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = NpyRows(path)
     except ValueError as exc:
-        if "pickle" in str(exc).lower():
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
             raise CalibrationDataError(f"{path}: needs pickle to load; refusing to unpickle user data") from None
         raise CalibrationDataError(f"{path}: not a readable .npy file ({exc})") from None
     except (OSError, EOFError) as exc:
         raise CalibrationDataError(f"{path}: not a readable .npy file ({exc})") from None
     return _from_arrays({inputs[0].name: array}, inputs, f"{path.name}", synthetic=False, origin=str(path))
+
+
+class NpyRows:
+    """A .npy file read row range by row range with plain file reads: memory holds only the rows asked
+    for (a memory map would keep every page it touched resident)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype.hasobject:
+            raise ValueError("object arrays need pickle")
+        if fortran and len(shape) > 1:
+            raise ValueError("Fortran-ordered arrays are not supported; save with np.save on a C-ordered array")
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def __getitem__(self, index):
+        if not self.shape:
+            return self._read(0, 1).reshape(())
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(self.shape[0])
+            return self._read(start, max(start, stop))
+        return self._read(index, index + 1)[0]
+
+    def __array__(self, dtype=None, copy=None):
+        return self._read(0, len(self)) if self.shape else self[()]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            data = np.fromfile(f, dtype=self.dtype, count=(stop - start) * self.row_bytes // self.dtype.itemsize)
+        return data.reshape((stop - start,) + self.shape[1:])
 
 
 def _npz(path: Path, inputs: list[InputSpec]) -> CalibrationSet:

@@ -12,6 +12,7 @@ from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
 from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, gptq_round,
                                  is_weight_input, quantize_weight, weight_axis)
 
+GPTQ_SAMPLES = 128  # calibration samples whose layer inputs shape the second-order weight rounding
 ELEMENTWISE = {"Add", "Mul", "Sigmoid", "HardSwish", "LeakyRelu"}
 ALWAYS_FLOAT = {"LSTM", "GRU", "RNN", "If", "Loop", "Scan", "NonMaxSuppression", "TopK"}
 
@@ -44,7 +45,7 @@ class InsertQDQ(Pass):
         stats = {}
         if self.rounding == "gptq" and ctx is not None and ctx.calib is not None:
             layers = [n for n in quantized if any(is_weight_input(n, i) for i in range(len(n.inputs)))]
-            stats = layer_statistics(module, ctx, layers)
+            stats = layer_statistics(module, ctx, layers, max_samples=GPTQ_SAMPLES)
         weights = self._quantize_weights(graph, quantized, stats)
         tensors = self._activation_tensors(graph, quantized)
         for tensor, readers in tensors:

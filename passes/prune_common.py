@@ -61,29 +61,33 @@ def rows_to_weight(node: gs.Node, rows: np.ndarray, shape: tuple) -> np.ndarray:
 
 @dataclass
 class LayerStats:
-    """Σ x xᵀ (per group for grouped Conv), Σ x and the number of rows seen."""
+    """Σ x xᵀ per group ([groups, d, d]), Σ x per group ([groups, d]) and the number of rows seen."""
 
     groups: int
-    hessians: list[np.ndarray] = field(default_factory=list)
-    sums: list[np.ndarray] = field(default_factory=list)
+    hessians: np.ndarray | None = None
+    sums: np.ndarray | None = None
     count: int = 0
 
-    def add(self, rows_per_group: list[np.ndarray]) -> None:
-        """Accumulate one batch of rows (one [n, d] array per group)."""
-        if not self.hessians:
-            self.hessians = [np.zeros((r.shape[1], r.shape[1])) for r in rows_per_group]
-            self.sums = [np.zeros(r.shape[1]) for r in rows_per_group]
-        for g, r in enumerate(rows_per_group):
-            r64 = r.astype(np.float64)
-            self.hessians[g] += r64.T @ r64
-            self.sums[g] += r64.sum(axis=0)
-        self.count += rows_per_group[0].shape[0]
+    def add(self, rows: np.ndarray) -> None:
+        """Accumulate one batch of rows, shaped [n, groups, d]."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if self.hessians is None:
+            self.hessians = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]))
+            self.sums = np.zeros((rows.shape[1], rows.shape[2]))
+        if rows.shape[1] == 1:  # one BLAS product per batch; accumulate in float64 across batches
+            flat = rows[:, 0, :]
+            self.hessians[0] += flat.T @ flat
+        else:
+            g = rows.transpose(1, 2, 0)  # groups, d, n
+            self.hessians += np.matmul(g, g.transpose(0, 2, 1))
+        self.sums += rows.sum(axis=0, dtype=np.float64)
+        self.count += rows.shape[0]
 
 
-def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray] | None:
-    """Rows of the layer's input matching `weight_rows` columns, split by group; None when unsupported."""
+def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """Rows of the layer's input matching `weight_rows` columns, shaped [n, groups, d]; None when unsupported."""
     if node.op in ("Gemm", "MatMul"):
-        return [x.reshape(-1, x.shape[-1])]
+        return x.reshape(-1, 1, x.shape[-1])
     if node.op != "Conv" or x.ndim != 4:
         return None
     w = node.inputs[1].values
@@ -101,16 +105,15 @@ def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> list
     take = min(POSITIONS_PER_SAMPLE, ho * wo)
     rows = []
     for i in range(n):
-        pos = rng.choice(ho * wo, size=take, replace=False) if take < ho * wo else np.arange(ho * wo)
-        patches = win[i].reshape(c, ho * wo, kh, kw)[:, pos]          # C, P, kh, kw
+        pos = np.sort(rng.choice(ho * wo, size=take, replace=False)) if take < ho * wo else np.arange(ho * wo)
+        patches = win[i][:, pos // wo, pos % wo]                       # C, P, kh, kw
         rows.append(patches.transpose(1, 0, 2, 3))                     # P, C, kh, kw
     patches = np.concatenate(rows)                                     # N*P, C, kh, kw
-    cg = c // group
-    return [patches[:, g * cg:(g + 1) * cg].reshape(len(patches), -1) for g in range(group)]
+    return patches.reshape(len(patches), group, -1)
 
 
-def layer_statistics(module, ctx, layers: list[gs.Node]) -> dict[str, LayerStats]:
-    """LayerStats for every layer, from one streaming pass over the calibration data."""
+def layer_statistics(module, ctx, layers: list[gs.Node], max_samples: int | None = None) -> dict[str, LayerStats]:
+    """LayerStats for every layer, from one streaming pass over (at most `max_samples` of) the calibration data."""
     if ctx is None or ctx.calib is None:
         return {}
     proto = module.to_proto()
@@ -120,8 +123,9 @@ def layer_statistics(module, ctx, layers: list[gs.Node]) -> dict[str, LayerStats
     by_input: dict[str, list[gs.Node]] = {}
     for n in layers:
         by_input.setdefault(n.inputs[0].name, []).append(n)
-    with ctx.progress("Collecting pruning statistics", ctx.calib.num_samples) as advance:
-        for values in stream_activations(proto, names, ctx.calib, batch_size=8, progress=advance):
+    with ctx.progress("Collecting layer statistics", ctx.calib.num_samples) as advance:
+        for values in stream_activations(proto, names, ctx.calib, batch_size=2, max_samples=max_samples,
+                                         progress=advance):
             for name, x in values.items():
                 for node in by_input[name]:
                     rows = layer_inputs(node, np.asarray(x, np.float32), rng)
