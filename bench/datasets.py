@@ -102,8 +102,16 @@ def mnist(limit: int | None = None) -> Task:
     return Task("mnist_cntk", CORPUS / "models" / "mnist_cntk.onnx", "Input3", x[cal], ex, ey, top1, batch=1)
 
 
+def sample(limit: int | None = None) -> Task:
+    """drpc's own residual MNIST model (models/), with its shipped calibration and test data."""
+    models = Path(__file__).resolve().parents[1] / "models"
+    with np.load(models / "mnist_calib.npz") as c, np.load(models / "mnist_test.npz") as t:
+        calib, x, y = c["input"], t["input"][:limit], t["labels"][:limit]
+    return Task("mnist_resnet", models / "mnist_resnet.onnx", "input", calib, x, y, top1, batch=100)
+
+
 TASKS = {"efficientnet_lite0": imagenet, "ppocr_mobile_v2_cls": ocr, "magika_standard_v3_3": magika,
-         "mnist_cntk": mnist}
+         "mnist_cntk": mnist, "mnist_resnet": sample}
 
 
 def run_task(session, task: Task, x: np.ndarray | None = None) -> np.ndarray:

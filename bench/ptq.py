@@ -41,7 +41,10 @@ def quantize_ort(task, calib_path: Path, out: Path) -> None:
     try:
         quant_pre_process(str(task.model), str(pre))
     except Exception:  # its symbolic shape inference fails on some models: the documented fallback
-        quant_pre_process(str(task.model), str(pre), skip_symbolic_shape=True)
+        try:
+            quant_pre_process(str(task.model), str(pre), skip_symbolic_shape=True)
+        except Exception:  # quantize the model as it is
+            pre = task.model
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -225,3 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """Console-script wrapper around `main`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

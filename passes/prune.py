@@ -32,6 +32,8 @@ class Prune(Pass):
         "classifier": Option(bool, False, "also prune the last Gemm/MatMul"),
         "pattern": Option(str, "", "sparse pattern: unstructured or N:M (default: the target's)"),
         "round_to": Option(int, 0, "keep channel counts a multiple of this (default: the target's)", minimum=0),
+        "method": Option(str, "obs", "obs (data-driven choice and refit) or magnitude (the plain baseline)",
+                         choices=("obs", "magnitude")),
     }
 
     def run(self, module, ctx) -> bool:
@@ -48,7 +50,7 @@ class Prune(Pass):
                                         "(first layer and classifier are kept unless first_layer/classifier=true)")
         if mode == "channel":
             round_to = self.round_to or getattr(target, "channel_round_to", 1)
-            facts = prune_channels(module, ctx, layers, self.ratio, round_to)
+            facts = prune_channels(module, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs")
         else:
             facts = self._sparse(module, ctx, layers, target)
         if ctx is not None:
@@ -60,9 +62,10 @@ class Prune(Pass):
         if pattern in ("none", ""):
             pattern = "unstructured"
         n_m = _parse_pattern(pattern)
-        stats = layer_statistics(module, ctx, layers)
+        stats = layer_statistics(module, ctx, layers) if self.method == "obs" else {}
         total = sum(int(np.asarray(node.inputs[1].values).size) for node in layers)
-        ratios = allocate_sparsity(layers, stats, self.ratio) if n_m is None else {n.name: self.ratio for n in layers}
+        uniform = n_m is not None or self.method == "magnitude"
+        ratios = {n.name: self.ratio for n in layers} if uniform else allocate_sparsity(layers, stats, self.ratio)
         zeros = 0
         for node in layers:
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
@@ -72,7 +75,7 @@ class Prune(Pass):
             if ctx is not None:
                 ctx.layer(node.name, sparsity=float(np.mean(new_w == 0)), params_before=int(weight.size),
                           params_after=int(np.count_nonzero(new_w)), prune_refit=info)
-        return {"pattern": pattern, "prunable_weights": total, "zero_weights": zeros,
+        return {"method": self.method, "pattern": pattern, "prunable_weights": total, "zero_weights": zeros,
                 "achieved_ratio": round(zeros / max(total, 1), 4), "layers": len(layers)}
 
 

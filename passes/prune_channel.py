@@ -74,13 +74,16 @@ def find_groups(graph: gs.Graph, layers: list[gs.Node]) -> list[ChannelGroup]:
     return groups
 
 
-def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int) -> dict:
-    """Remove output channels so that `ratio` of the prunable weights go; returns the facts for the report."""
+def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int, data_driven: bool = True) -> dict:
+    """Remove output channels so that `ratio` of the prunable weights go; returns the facts for the report.
+
+    data_driven: rank by activation x consumer weight and refit the consumer; otherwise the magnitude
+    baseline (L1 norm of the producer's filters, no refit)."""
     graph = module.graph
     groups = find_groups(graph, layers)
     usable = [g for g in groups if not g.blocked]
     total = sum(int(n.inputs[1].values.size) for n in layers)
-    stats = layer_statistics(module, ctx, [g.consumer for g in usable])
+    stats = layer_statistics(module, ctx, [g.consumer for g in usable]) if data_driven else {}
     cost, scores = {}, {}
     for g in usable:
         c = g.producer.inputs[1].values.shape[0]
@@ -88,10 +91,13 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         cons_rows = weight_rows(g.consumer, np.asarray(g.consumer.inputs[1].values))
         per_channel += cons_rows.shape[0] * g.columns_per_channel
         cost[id(g)] = per_channel
-        col_norm = np.linalg.norm(cons_rows.reshape(cons_rows.shape[0], c, g.columns_per_channel), axis=(0, 2))
-        st = stats.get(g.consumer.name)
-        act = np.sqrt(np.diag(st.hessians[0]).reshape(c, -1).sum(axis=1) / max(st.count, 1)) if st else np.ones(c)
-        s = col_norm * act
+        if data_driven:
+            col_norm = np.linalg.norm(cons_rows.reshape(cons_rows.shape[0], c, g.columns_per_channel), axis=(0, 2))
+            st = stats.get(g.consumer.name)
+            act = np.sqrt(np.diag(st.hessians[0]).reshape(c, -1).sum(axis=1) / max(st.count, 1)) if st else np.ones(c)
+            s = col_norm * act
+        else:
+            s = np.abs(np.asarray(g.producer.inputs[1].values)).reshape(c, -1).sum(axis=1)
         scores[id(g)] = s / max(s.mean(), 1e-12)
     removal = _allocate(usable, cost, scores, ratio * total, round_to)
     if sum(len(r) * cost[id(g)] for g, r in removal.items()) < ratio * total * 0.98:

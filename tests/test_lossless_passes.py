@@ -172,3 +172,31 @@ def test_upgrade_opset_from_8():
     assert {o.domain: o.version for o in upgraded.opset_import}[""] == 13
     onnx.checker.check_model(upgraded)
     outputs_close(original, upgraded, {"x": rand(1, 2, 4, 4)}, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["mul_then_div", "div_then_mul", "mul_by_sixth"])
+def test_fuse_hardswish(order):
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"], name="add3"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="relu6")]
+    if order == "mul_then_div":
+        nodes += [helper.make_node("Mul", ["x", "c"], ["m"], name="mul"), helper.make_node("Div", ["m", "six"], ["y"], name="div")]
+    elif order == "div_then_mul":
+        nodes += [helper.make_node("Div", ["c", "six"], ["d"], name="div"), helper.make_node("Mul", ["d", "x"], ["y"], name="mul")]
+    else:
+        nodes += [helper.make_node("Mul", ["c", "x"], ["m"], name="mul"), helper.make_node("Mul", ["m", "sixth"], ["y"], name="scale")]
+    inits = [init("three", np.array(3.0, np.float32)), init("zero", np.array(0.0, np.float32)),
+             init("six", np.array(6.0, np.float32)), init("sixth", np.array(1 / 6, np.float32))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [2, 8])], [("y", TensorProto.FLOAT, [2, 8])], inits, opset=14)
+    changed, fused = run_pass(original, "fuse-hardswish")
+    assert changed and ops(fused) == ["HardSwish"]
+    outputs_close(original, fused, {"x": rand(2, 8, scale=4.0)}, rtol=1e-6)
+
+
+def test_fuse_hardswish_needs_exact_constants():
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"], name="add3"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="relu6"),
+             helper.make_node("Mul", ["x", "c"], ["m"], name="mul"), helper.make_node("Div", ["m", "five"], ["y"], name="div")]
+    inits = [init("three", np.array(3.0, np.float32)), init("zero", np.array(0.0, np.float32)),
+             init("six", np.array(6.0, np.float32)), init("five", np.array(5.0, np.float32))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [2, 8])], [("y", TensorProto.FLOAT, [2, 8])], inits, opset=14)
+    assert not run_pass(original, "fuse-hardswish")[0]
