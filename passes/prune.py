@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
+from compiler.rewrite import fresh_name
 from passes.prune_channel import prune_channels
 from passes.prune_common import layer_statistics, prunable_layers, weight_rows
 from passes.prune_sparse import error_curve, sparse_prune_layer
@@ -71,6 +72,8 @@ class Prune(Pass):
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
             new_w, info = sparse_prune_layer(node, weight, ratios[node.name], stats.get(node.name), n_m)
             node.inputs[1] = gs.Constant(node.inputs[1].name + "_pruned", new_w.astype(weight.dtype))
+            if stats.get(node.name) is not None:
+                _correct_bias(module.graph, node, weight, new_w, stats[node.name])
             zeros += int(np.count_nonzero(new_w == 0))
             if ctx is not None:
                 ctx.layer(node.name, sparsity=float(np.mean(new_w == 0)), params_before=int(weight.size),
@@ -79,9 +82,32 @@ class Prune(Pass):
                 "achieved_ratio": round(zeros / max(total, 1), 4), "layers": len(layers)}
 
 
-def allocate_sparsity(layers, stats, ratio: float, step: float = 0.025, cap: float = 0.95) -> dict[str, float]:
+def _correct_bias(graph, node, old_w: np.ndarray, new_w: np.ndarray, st) -> None:
+    """Move the mean output change of pruning, (W - W') E[x], into the layer's bias."""
+    mean_x = st.sums / max(st.count, 1)                       # [groups, d]
+    delta = weight_rows(node, old_w.astype(np.float64) - new_w.astype(np.float64))
+    per_group = delta.shape[0] // st.groups
+    shift = np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
+    if node.op == "Conv":
+        index = 2
+    elif node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0:
+        index = 2
+    else:
+        return  # MatMul has no bias input
+    if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
+        bias = np.asarray(node.inputs[index].values, np.float64)
+        if bias.shape != shift.shape:
+            return
+        node.inputs[index] = gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), (bias + shift).astype(np.float32))
+    elif len(node.inputs) == index:
+        node.inputs.append(gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), shift.astype(np.float32)))
+
+
+def allocate_sparsity(layers, stats, ratio: float, step: float = 0.025, spread: float = 0.1) -> dict[str, float]:
     """Per-layer sparsity meeting `ratio` overall: greedily raise the layer whose estimated relative output
-    error grows least per weight removed (error curves from the OBS saliency on calibration statistics)."""
+    error grows least per weight removed (error curves from the OBS saliency on calibration statistics),
+    keeping every layer within `spread` of `ratio` so that no single layer is gutted."""
+    cap = min(0.95, ratio + spread)
     grid = np.round(np.arange(0.0, cap + 1e-9, step), 6)
     curves, sizes = {}, {}
     for node in layers:

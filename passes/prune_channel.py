@@ -113,6 +113,10 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
             removed_weights += len(drop) * cost[id(g)]
             _apply(graph, g, np.array(sorted(drop)), stats.get(g.consumer.name), ctx)
     graph.cleanup(remove_unused_graph_inputs=False)
+    interface = {id(t) for t in graph.inputs + graph.outputs}
+    for t in graph.tensors().values():  # channel counts changed downstream: let shape inference redo them
+        if isinstance(t, gs.Variable) and id(t) not in interface:
+            t.shape = None
     module.infer_shapes()
     return {"prunable_weights": total, "removed_weights": int(removed_weights),
             "achieved_ratio": round(removed_weights / max(total, 1), 4),

@@ -1,0 +1,137 @@
+"""Random but valid small CNN graphs for differential testing of the compiler.
+
+`random_model(rng)` draws one model (input "x" [1, C, H, W], output "y"): convolutions (plain, strided,
+depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, Concat of two
+branches, pooling, nearest Resize, a zero Pad before a Conv, and optionally a classifier head
+(GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
+hypothesis strategy over it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class _Builder:
+    def __init__(self, rng: np.random.Generator, opset: int):
+        self.rng, self.opset = rng, opset
+        self.nodes, self.inits = [], []
+        self.count = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
+        return out
+
+    def weights(self, *shape) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:])) or 1
+        return (self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    def conv(self, x, c_in, c_out, k=3, stride=1, group=1, pad=True, bias=True):
+        inputs = [x, self.const("w", self.weights(c_out, c_in // group, k, k))]
+        if bias:
+            inputs.append(self.const("b", (self.rng.standard_normal(c_out) * 0.1).astype(np.float32)))
+        p = k // 2 if pad else 0
+        return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[p, p, p, p], group=group)
+
+
+def random_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """One random valid CNN (see module docstring); deterministic for a given generator state."""
+    opset = int(rng.integers(13, 19))
+    b = _Builder(rng, opset)
+    c, h, w = int(rng.integers(1, 9)), int(rng.integers(4, 17)) * 2, int(rng.integers(4, 17)) * 2
+    x, shape = "x", (c, h, w)
+    input_shape = [1, c, h, w]
+    same_shape: list[tuple[str, tuple]] = []
+    for _ in range(int(rng.integers(2, 9))):
+        c, h, w = shape
+        kind = rng.choice(["conv", "depthwise", "grouped", "bn", "act", "residual", "concat", "pool", "resize", "padconv"])
+        if kind == "conv" or (kind == "grouped" and c < 2):
+            k = int(rng.choice([1, 3, 5]))
+            stride = 2 if h >= 8 and w >= 8 and rng.random() < 0.3 else 1
+            c_out = int(rng.integers(1, 17))
+            x = b.conv(x, c, c_out, k, stride, bias=bool(rng.random() < 0.7))
+            shape = (c_out, (h - 1) // stride + 1, (w - 1) // stride + 1)
+        elif kind == "depthwise":
+            x = b.conv(x, c, c, 3, group=c)
+        elif kind == "grouped":
+            g = int(rng.choice([d for d in range(2, c + 1) if c % d == 0]))
+            c_out = g * int(rng.integers(1, 5))
+            x = b.conv(x, c, c_out, 3, group=g)
+            shape = (c_out, h, w)
+        elif kind == "bn":
+            params = [np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5, rng.standard_normal(c).astype(np.float32),
+                      rng.standard_normal(c).astype(np.float32) * 0.1, np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5]
+            x = b.node("BatchNormalization", [x] + [b.const(n, p) for n, p in zip(("g", "beta", "mean", "var"), params)])
+        elif kind == "act":
+            act = rng.choice(["Relu", "Clip", "LeakyRelu", "HardSwish" if opset >= 14 else "Sigmoid"])
+            if act == "Clip":
+                x = b.node("Clip", [x, b.const("lo", np.array(0, np.float32)), b.const("hi", np.array(6, np.float32))])
+            elif act == "LeakyRelu":
+                x = b.node("LeakyRelu", [x], alpha=0.1)
+            else:
+                x = b.node(str(act), [x])
+        elif kind == "residual":
+            match = [t for t, s in same_shape if s == shape and t != x]
+            if match:
+                x = b.node("Add", [x, match[int(rng.integers(len(match)))]])
+        elif kind == "concat":
+            c1, c2 = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+            left = b.node("Relu", [b.conv(x, c, c1, 1)])
+            right = b.conv(x, c, c2, 3)
+            x = b.node("Concat", [left, right], axis=1)
+            shape = (c1 + c2, h, w)
+        elif kind == "pool" and h >= 4 and w >= 4:
+            op = str(rng.choice(["MaxPool", "AveragePool"]))
+            x = b.node(op, [x], kernel_shape=[2, 2], strides=[2, 2])
+            shape = (c, h // 2, w // 2)
+        elif kind == "resize" and h <= 32 and w <= 32:
+            scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
+            x = b.node("Resize", [x, "", scales], mode="nearest")
+            shape = (c, h * 2, w * 2)
+        elif kind == "padconv":
+            pads = b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
+            padded = b.node("Pad", [x, pads], mode="constant")
+            c_out = int(rng.integers(1, 17))
+            x = b.conv(padded, c, c_out, 3, pad=False)
+            shape = (c_out, h, w)
+        same_shape.append((x, shape))
+    c, h, w = shape
+    if rng.random() < 0.5:
+        pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+        classes = int(rng.integers(2, 11))
+        if rng.random() < 0.5:
+            y = b.node("Gemm", [pooled, b.const("fc", b.weights(classes, c)), b.const("fcb", np.zeros(classes, np.float32))],
+                       transB=1)
+        else:
+            y = b.node("Add", [b.node("MatMul", [pooled, b.const("fc", b.weights(classes, c).T.copy())]),
+                               b.const("fcb", np.zeros(classes, np.float32))])
+        out_shape = [1, classes]
+    else:
+        y, out_shape = x, [1, c, h, w]
+    if y == "x":  # no block applied: keep the graph non-empty
+        y = b.node("Relu", [x])
+    b.nodes[-1].output[0] = "y"  # the last node writes the graph output (nothing else reads it)
+    graph = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def cnn_models():
+    """Hypothesis strategy: random valid CNN models (shrinks over the generator seed)."""
+    from hypothesis import strategies as st
+
+    return st.integers(min_value=0, max_value=2**32 - 1).map(lambda seed: random_model(np.random.default_rng(seed)))
