@@ -54,13 +54,18 @@ def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor, drop: gs.Tensor) -> 
         drop.name = drop.name + "__bypassed"
         keep.name = name
         graph.outputs[idx] = keep
-    for consumer in list(drop.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is drop:
-                consumer.inputs[i] = keep
+    replace_uses(drop, keep)
     node.outputs.clear()
     node.inputs.clear()
     return True
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor, readers: list[gs.Node] | None = None) -> None:
+    """Make `readers` (default: every reader of `old`) read `new` wherever they read `old`."""
+    for reader in list(old.outputs) if readers is None else readers:
+        for i, t in enumerate(reader.inputs):
+            if t is old:
+                reader.inputs[i] = new
 
 
 _counter = itertools.count()

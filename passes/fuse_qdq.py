@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Pass, register_pass
-from compiler.rewrite import is_graph_output
+from compiler.rewrite import is_graph_output, replace_uses
 from passes.quant_common import COMPUTE_OPS, SHARED_SCALE_OPS, activation_qdq_pairs
 
 QUANTIZED_NEIGHBOURS = COMPUTE_OPS | SHARED_SCALE_OPS | {"Relu", "Clip"}
@@ -42,11 +42,7 @@ class FuseQDQ(Pass):
             dq = q.inputs[0].inputs[0]
             if dq.op != "DequantizeLinear" or not _same_params(q, dq) or is_graph_output(graph, q.outputs[0]):
                 continue
-            source, out = dq.inputs[0], q.outputs[0]
-            for reader in list(out.outputs):
-                for i, t in enumerate(reader.inputs):
-                    if t is out:
-                        reader.inputs[i] = source
+            replace_uses(q.outputs[0], dq.inputs[0])
             q.outputs.clear()
             q.inputs.clear()
             removed += 1
@@ -61,11 +57,7 @@ class FuseQDQ(Pass):
             readers_q = any(r.op in QUANTIZED_NEIGHBOURS for r in dq.outputs[0].outputs)
             if producer_q or readers_q or is_graph_output(graph, dq.outputs[0]):
                 continue
-            out = dq.outputs[0]
-            for reader in list(out.outputs):
-                for i, t in enumerate(reader.inputs):
-                    if t is out:
-                        reader.inputs[i] = x
+            replace_uses(dq.outputs[0], x)
             q.inputs.clear()
             dq.outputs.clear()
             removed += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.rewrite import const_value, fresh_name
+from compiler.rewrite import const_value, fresh_name, replace_uses
 
 # Ops computed in int8 on DRP-AI (and fused into integer kernels by onnxruntime).
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
@@ -84,10 +84,7 @@ def add_qdq(graph: gs.Graph, tensor: gs.Variable, scale: float = 1.0, zero_point
     targets = [r for r in tensor.outputs if readers is None or r.name in readers]
     q = gs.Node("QuantizeLinear", fresh_name(graph, base + "_QuantizeLinear"), inputs=[tensor, scale_c, zp_c], outputs=[q_out])
     dq = gs.Node("DequantizeLinear", fresh_name(graph, base + "_DequantizeLinear"), inputs=[q_out, scale_c, zp_c], outputs=[dq_out])
-    for reader in targets:
-        for i, t in enumerate(reader.inputs):
-            if t is tensor:
-                reader.inputs[i] = dq_out
+    replace_uses(tensor, dq_out, targets)
     graph.nodes.extend([q, dq])
     return dq_out
 
