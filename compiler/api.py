@@ -66,10 +66,10 @@ def input_specs(module: Module) -> list[InputSpec]:
 
 
 def resolve_pipeline(target, pipeline: str | None, prune: float, prune_mode: str | None,
-                     calib_method: str | None) -> str:
-    """The pipeline text to run: `pipeline` as given, or the target's default with --prune/--calib-method."""
+                     calib_method: str | None, max_drop: float | None = None) -> str:
+    """The pipeline text to run: `pipeline` as given, or the target's default with --prune/--calib-method/--max-drop."""
     if pipeline is None:
-        return default_pipeline_text(target, prune, prune_mode, calib_method)
+        return default_pipeline_text(target, prune, prune_mode, calib_method, max_drop)
     pm = parse_pipeline(pipeline)
     for p in _flatten(pm):
         if p.name == "prune" and prune > 0 and "ratio" not in p.given:
@@ -106,7 +106,7 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
     model_path = Path(model_path)
     out = Path(out_dir) if out_dir is not None else Path(f"{model_path.stem}_{tgt.name}")
     check_out_dir(out, force)
-    text = resolve_pipeline(tgt, pipeline, prune, prune_mode, calib_method)
+    text = resolve_pipeline(tgt, pipeline, prune, prune_mode, calib_method, max_drop)
     pm = parse_pipeline(text)
 
     module = Module.load(model_path)
@@ -115,7 +115,7 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
     data = load_calibration(calib, input_specs(module), max_samples=calib_samples, preprocess=preprocess, seed=seed)
     fixed = fix_symbolic_dims(module, data)
     ctx = CompileContext(target=tgt, calib=data, show_progress=show_progress,
-                         options={"exclude": list(exclude), "max_drop": max_drop, "seed": seed,
+                         options={"exclude": list(exclude), "seed": seed,
                                   "preprocessing": _preprocessing_facts(preprocess, module)})
     if data.synthetic:
         ctx.warn("no --calib data: calibrated on synthetic inputs, accuracy is UNMEASURED")

@@ -54,7 +54,7 @@ def compile_cmd(
     from compiler.target import load_target
 
     if print_pipeline:
-        text = resolve_pipeline(load_target(target), pipeline, prune, prune_mode, calib_method)
+        text = resolve_pipeline(load_target(target), pipeline, prune, prune_mode, calib_method, max_drop)
         typer.echo(text)
         return
     preprocess = None

@@ -32,6 +32,7 @@ class CompileContext:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     reference: Any = None                  # ModelProto snapshot after the lossless passes
+    float_model: Any = None                # ModelProto right before quantization (after pruning)
     show_progress: bool = False
     current_pass: Any = None
     instrumentations: Any = None

@@ -116,8 +116,8 @@ def _percentile(obs: TensorObserver, low_pct: float, high_pct: float) -> tuple[f
 def _mse_search(obs: TensorObserver, steps: int = 48) -> tuple[float, float]:
     lo, hi = obs.edges_range()
     best, best_err = (lo, hi), histogram_mse(obs, lo, hi)
-    for a in np.linspace(0.2, 1.0, steps):
-        for b in (np.linspace(0.2, 1.0, 12) if lo < 0 else (1.0,)):
+    for a in np.geomspace(0.02, 1.0, steps):
+        for b in (np.geomspace(0.05, 1.0, 12) if lo < 0 else (1.0,)):
             cand = (lo * b, hi * a)
             err = histogram_mse(obs, *cand)
             if err < best_err:

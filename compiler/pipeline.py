@@ -27,8 +27,9 @@ def parse_pipeline(text: str) -> PassManager:
 
 
 def default_pipeline_text(target, prune_ratio: float = 0.0, prune_mode: str | None = None,
-                          calib_method: str | None = None) -> str:
-    """The target's default pipeline, with a prune pass before quantization when `prune_ratio` > 0."""
+                          calib_method: str | None = None, max_drop: float | None = None) -> str:
+    """The target's default pipeline, with a prune pass before quantization when `prune_ratio` > 0 and a
+    fallback-float pass after calibration when an accuracy budget `max_drop` is given."""
     pm = parse_pipeline(target.default_pipeline)
     items = [str(p) for p in pm.passes]
     if calib_method:
@@ -38,6 +39,10 @@ def default_pipeline_text(target, prune_ratio: float = 0.0, prune_mode: str | No
         prune = f"prune{{ratio={prune_ratio!r},mode={mode}}}"
         lossy = [k for k, i in enumerate(items) if i.split("{")[0] in ("insert-qdq", "convert-fp16")]
         items.insert(lossy[0] if lossy else len(items), prune)
+    if max_drop is not None:
+        calib = [k for k, i in enumerate(items) if i.split("{")[0] == "calibrate"]
+        if calib:
+            items.insert(calib[0] + 1, f"fallback-float{{max_drop={max_drop!r}}}")
     return ",".join(items)
 
 

@@ -39,6 +39,8 @@ class InsertQDQ(Pass):
             raise UnsupportedModelError(f"per-channel QDQ needs opset >= 13 but the model has opset {module.opset}; "
                                         f"put upgrade-opset{{min=13}} before insert-qdq")
         module.infer_shapes()
+        if ctx is not None:
+            ctx.float_model = module.to_proto()
         graph = module.graph
         float_reason = self._float_nodes(module, ctx)
         quantized = [n for n in graph.nodes if n.name not in float_reason and n.op in COMPUTE_OPS | SHARED_SCALE_OPS]

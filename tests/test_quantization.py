@@ -1,0 +1,101 @@
+"""Int8 QDQ insertion, calibration and the accuracy-budget fallback, checked numerically in onnxruntime."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.api import compile_model
+from compiler.observers import TensorObserver, choose_range, histogram_mse, quant_params
+from graphs import conv_bn_model, init, model, rand
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sample_int8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "pkg"
+    compile_model(ROOT / "models" / "mnist_resnet.onnx", "rzv2h", out, calib=ROOT / "models" / "mnist_calib.npz")
+    return onnx.load(str(out / "model.onnx")), out
+
+
+def test_qdq_format(sample_int8):
+    m, _ = sample_int8
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:
+        w_dq = prod[conv.input[1]]
+        assert w_dq.op_type == "DequantizeLinear" and inits[w_dq.input[0]].dtype == np.int8
+        axis = {a.name: a.i for a in w_dq.attribute}.get("axis", 1)
+        assert axis == 0 and inits[w_dq.input[1]].shape == (inits[w_dq.input[0]].shape[0],)
+        assert np.abs(inits[w_dq.input[0]]).max() <= 127
+        x_dq = prod[conv.input[0]]
+        assert x_dq.op_type == "DequantizeLinear" and inits[x_dq.input[2]].dtype == np.uint8
+        b_dq = prod[conv.input[2]]
+        assert b_dq.op_type == "DequantizeLinear" and inits[b_dq.input[0]].dtype == np.int32
+        s_b = inits[b_dq.input[1]]
+        np.testing.assert_allclose(s_b, inits[x_dq.input[1]] * inits[w_dq.input[1]], rtol=1e-6)
+
+
+def test_int8_sample_model_keeps_accuracy(sample_int8):
+    import onnxruntime as ort
+
+    m, out = sample_int8
+    with np.load(ROOT / "models" / "mnist_test.npz") as z:
+        x, y = z["input"], z["labels"]
+    acc = lambda path: float(np.mean(ort.InferenceSession(str(path)).run(None, {"input": x})[0].argmax(1) == y))
+    assert acc(out / "model.onnx") >= acc(ROOT / "models" / "mnist_resnet.onnx") - 0.01
+
+
+def test_observers_merge_batches_like_one_histogram():
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(40000).astype(np.float32)
+    one, merged = TensorObserver(bins=256), TensorObserver(bins=256)
+    one.observe_range(data)
+    one.observe_hist(data)
+    for chunk in np.split(data, 8):
+        merged.observe_range(chunk)
+    for chunk in np.split(data, 8):
+        merged.observe_hist(chunk)
+    assert (one.lo, one.hi) == (merged.lo, merged.hi)
+    np.testing.assert_array_equal(one.hist, merged.hist)
+
+
+def test_calibration_methods_clip_outliers():
+    rng = np.random.default_rng(0)
+    data = np.concatenate([rng.standard_normal(1000000), [80.0]]).astype(np.float32)
+    obs = TensorObserver()
+    obs.observe_range(data)
+    obs.observe_hist(data)
+    assert choose_range(obs, "minmax")[1] == pytest.approx(80.0)
+    for method in ("percentile", "entropy"):
+        lo, hi = choose_range(obs, method)
+        assert 2.0 < hi < 20.0, method
+    full_error = histogram_mse(obs, *choose_range(obs, "minmax"))
+    for method in ("mse", "auto"):
+        lo, hi = choose_range(obs, method)
+        assert hi < 60.0 and histogram_mse(obs, lo, hi) < full_error, method
+    scale, zp = quant_params(-1.0, 3.0)
+    assert scale == pytest.approx(4 / 255) and zp == 64
+
+
+def test_fallback_float_meets_a_budget(tmp_path):
+    """A head whose logits differ by little: int8 flips argmaxes; the fallback keeps tensors float."""
+    w = np.tile(rand(1, 16, scale=0.01), (10, 1)) + rand(10, 16, scale=0.001)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    m = model(nodes, [("x", TensorProto.FLOAT, ["N", 16])], [("y", TensorProto.FLOAT, ["N", 10])],
+              [init("w1", rand(16, 16)), init("b1", rand(16)), init("w2", w), init("b2", np.zeros(10, np.float32))])
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "c.npy", rand(64, 16))
+    import json
+
+    compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "a", calib=tmp_path / "c.npy", calib_method="minmax",
+                  pipeline="insert-qdq{rounding=nearest},calibrate{method=minmax},fallback-float{max_drop=0.0},fuse-qdq")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    fb = next(p for p in report["passes"] if p["name"] == "fallback-float")
+    assert fb["drop_before"] > 0 and fb["kept_float"]
+    assert fb["drop_after"] <= fb["drop_before"]
