@@ -96,8 +96,16 @@ def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.n
     sh, sw = (list(node.attrs.get("strides", [1, 1])) + [1, 1])[:2]
     dh, dw = (list(node.attrs.get("dilations", [1, 1])) + [1, 1])[:2]
     pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
-    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-        return None
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):  # output = ceil(input / stride): split the padding as ONNX does
+        pads = [0, 0, 0, 0]
+        for axis, (size, k, s, d) in enumerate(zip(x.shape[2:], (kh, kw), (sh, sw), (dh, dw))):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, big = total // 2, total - total // 2
+            pads[axis], pads[axis + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0, 0, 0, 0]
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # N, C, Ho, Wo, kh, kw

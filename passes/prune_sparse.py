@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.prune_common import LayerStats, rows_to_weight, weight_rows
+from passes.second_order import inverse_hessian_factor
 
 BLOCK = 64
 DAMP = 0.01
@@ -65,16 +66,8 @@ def obs_prune(rows: np.ndarray, hessian: np.ndarray, ratio: float, n_m=None) -> 
     """Prune `rows` ([outputs, d]) to `ratio` zeros per row, compensating with H = Σ x xᵀ ([d, d])."""
     w = rows.copy()
     d = w.shape[1]
-    h = hessian.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    u, dead = inverse_hessian_factor(hessian, DAMP)  # H⁻¹ = Uᵀ U
     w[:, dead] = 0.0
-    h += DAMP * np.mean(np.diag(h)) * np.eye(d)
-    try:
-        hinv = np.linalg.inv(h)
-        u = np.linalg.cholesky(hinv).T  # upper factor: H⁻¹ = Uᵀ U
-    except np.linalg.LinAlgError:
-        return _magnitude(rows, ratio, n_m)
     k_total = int(round(ratio * d))
     mask = np.zeros_like(w, dtype=bool)  # True = pruned
     for start in range(0, d, BLOCK):

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.rewrite import const_value, fresh_name, replace_uses
+from passes.second_order import inverse_hessian_factor
 
 # Ops computed in int8 on DRP-AI (and fused into integer kernels by onnxruntime).
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
@@ -46,14 +47,7 @@ def gptq_round(rows: np.ndarray, hessian: np.ndarray, scale: np.ndarray, damp: f
     layer input), so the layer output moves less than with rounding to nearest."""
     w = rows.astype(np.float64).copy()
     d = w.shape[1]
-    h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * np.mean(np.diag(h)) * np.eye(d)
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T
-    except np.linalg.LinAlgError:
-        return np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8)
+    u, _ = inverse_hessian_factor(hessian, damp)
     s = scale.astype(np.float64)
     q = np.empty_like(w)
     for j in range(d):
