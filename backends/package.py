@@ -21,14 +21,17 @@ PACKAGE_FILES = ("model.onnx", "reference.onnx", "deploy.json", "addr_map.txt", 
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an existing output folder (unless `force`) or one whose parent cannot be written."""
+    """Refuse an existing output folder (unless `force`) or one whose parent cannot be written; missing
+    parent folders are created."""
     if out_dir.exists() and not force:
         raise UsageError(f"{out_dir}: output directory exists (use --force to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a directory")
     parent = out_dir.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"{out_dir}: parent directory {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{out_dir}: cannot create parent directory {parent} ({exc.strerror or exc})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{out_dir}: parent directory {parent} is not writable")
 

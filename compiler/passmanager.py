@@ -72,8 +72,10 @@ class Pass:
 
     @classmethod
     def summary(cls) -> str:
-        """The first line of the pass's docstring."""
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        """The first sentence of the pass's docstring."""
+        paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        end = paragraph.find(". ")
+        return paragraph if end < 0 else paragraph[: end + 1]
 
     def __str__(self) -> str:
         if not self.given:

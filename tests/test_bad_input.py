@@ -184,9 +184,15 @@ def test_output_directory_not_writable(tmp_path, capsys, small):
     run_cli(capsys, compile_args(small, out), out, 2, "not writable")
 
 
-def test_output_parent_missing(tmp_path, capsys, small):
-    out = tmp_path / "no" / "such" / "dir"
-    run_cli(capsys, compile_args(small, out), out, 2, "does not exist")
+def test_output_parent_is_a_file(tmp_path, capsys, small):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "dir"
+    run_cli(capsys, compile_args(small, out), out, 2, "cannot create parent directory")
+
+
+def test_missing_output_parents_are_created(tmp_path, small):
+    out = tmp_path / "new" / "nested" / "pkg"
+    assert main(compile_args(small, out)) == 0 and (out / "model.onnx").is_file()
 
 
 def _subprocess(code: str, *args, **kw):
