@@ -98,11 +98,6 @@ class Module:
         """The default-domain (ai.onnx) opset version."""
         return self.opset_imports.get("", self.opset_imports.get("ai.onnx", 1))
 
-    def set_opset(self, version: int) -> None:
-        """Record a new default-domain opset (the caller converts the nodes)."""
-        self.opset_imports[""] = version
-        self.graph.opset = version
-
     def to_proto(self, infer_shapes: bool = False) -> onnx.ModelProto:
         """Export a topologically sorted, cleaned-up ModelProto; with `infer_shapes`, run onnx shape inference."""
         graph = self.graph
@@ -139,18 +134,6 @@ class Module:
     def copy(self) -> "Module":
         """An independent deep copy (graph and metadata)."""
         return Module.from_proto(self.to_proto(), source=self.source)
-
-    # ----------------------------------------------------------------- queries
-    def initializer(self, tensor: gs.Tensor) -> np.ndarray | None:
-        """The constant value behind `tensor` (an initializer or a Constant node's output), else None."""
-        if isinstance(tensor, gs.Constant):
-            return tensor.values
-        if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-            attrs = tensor.inputs[0].attrs
-            value = attrs.get("value")
-            if isinstance(value, gs.Constant):
-                return value.values
-        return None
 
     def text(self) -> str:
         """Deterministic text form: one line per graph input, node (in topological order) and output."""

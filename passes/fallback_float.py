@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import replace_uses
@@ -19,8 +20,9 @@ class FallbackFloat(Pass):
     exceeds `max_drop` points, remove the activation Q/DQ pair with the lowest SQNR (that tensor stays float).
 
     The drop is the top-1 disagreement with fp32 in points for classifier-like outputs (last dim > 1), else
-    100 x (1 - cosine similarity). Guarantees: stops as soon as the budget is met or no pair is left; every
-    pair it removes is reported per layer (`kept_float`).
+    100 x (1 - cosine similarity). Guarantees: the drop never grows (a removal that makes it worse is undone);
+    stops as soon as the budget is met or every pair was tried; each pair it removes is reported per layer
+    (`kept_float`).
     """
 
     name = "fallback-float"
@@ -38,20 +40,26 @@ class FallbackFloat(Pass):
         drop = self._drop(module, feed_batches, want)
         initial = drop
         sqnr = {name: facts.get("quant_sqnr_db") for name, facts in ctx.layers.items() if "quant_sqnr_db" in facts}
-        while drop > self.max_drop and len(removed) < self.max_steps:
-            pairs = activation_qdq_pairs(module.graph)
-            if not pairs:
+        tried: set[str] = set()
+        for _ in range(self.max_steps):
+            pairs = [p for p in activation_qdq_pairs(module.graph) if _producer_name(p[0]) not in tried]
+            if drop <= self.max_drop or not pairs:
                 break
             q, dq = min(pairs, key=lambda p: sqnr.get(_producer_name(p[0]), 99.0))
             name = _producer_name(q)
+            tried.add(name)
+            before = module.to_proto()
             replace_uses(dq.outputs[0], q.inputs[0])
             q.inputs.clear()
             dq.outputs.clear()
             module.graph.cleanup(remove_unused_graph_inputs=False)
-            sqnr[name] = 99.0
+            new_drop = self._drop(module, feed_batches, want)
+            if new_drop > drop:  # keeping this tensor float made it worse: undo
+                module.graph = gs.import_onnx(before)
+                continue
+            drop = new_drop
             removed.append(name)
             ctx.layer(name, kept_float=True)
-            drop = self._drop(module, feed_batches, want)
         ctx.log(max_drop=self.max_drop, drop_before=round(initial, 3), drop_after=round(drop, 3), kept_float=removed)
         if drop > self.max_drop:
             ctx.warn(f"accuracy budget --max-drop {self.max_drop} not met: drop {drop:.2f} points on calibration data")

@@ -35,11 +35,6 @@ def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: L
     return rows_to_weight(node, out, weight.shape).astype(np.float32), method
 
 
-def magnitude_prune(rows: np.ndarray, ratio: float) -> np.ndarray:
-    """Zero the round(ratio x width) smallest-magnitude weights of every row (the baseline)."""
-    return _magnitude(rows, ratio, None)
-
-
 def _magnitude(rows: np.ndarray, ratio: float, n_m) -> np.ndarray:
     k = int(round(ratio * rows.shape[1]))
     out = rows.copy()
