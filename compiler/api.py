@@ -113,6 +113,10 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
     if input_shapes:
         set_input_shapes(module, input_shapes)
     data = load_calibration(calib, input_specs(module), max_samples=calib_samples, preprocess=preprocess, seed=seed)
+    probed = probe_synthetic_shapes(module, seed) if data.synthetic and not input_shapes else {}
+    if probed:
+        set_input_shapes(module, probed)
+        data = load_calibration(None, input_specs(module), seed=seed)
     fixed = fix_symbolic_dims(module, data)
     ctx = CompileContext(target=tgt, calib=data, show_progress=show_progress,
                          options={"exclude": list(exclude), "seed": seed,
@@ -121,6 +125,9 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
         ctx.warn("no --calib data: calibrated on synthetic inputs, accuracy is UNMEASURED")
     for name, shape in fixed.items():
         ctx.warn(f"input '{name}' has symbolic dims: compiled for shape {shape} (from the calibration data)")
+    for name, shape in probed.items():
+        ctx.warn(f"input '{name}' has symbolic dims and no --calib data: compiled for shape {shape}, the first "
+                 f"size the model runs with (give --input-shape to choose)")
     check = LosslessCheck(data.first(2)) if verify else None
     hooks = [Recorder(), ReferenceSnapshot()]
     if verify:
@@ -175,6 +182,38 @@ def fix_symbolic_dims(module: Module, data) -> dict[str, list]:
     if fixed:
         module.infer_shapes()
     return fixed
+
+
+PROBE_SIZES = (1, 16, 64, 256, 512, 1024)
+
+
+def probe_synthetic_shapes(module: Module, seed: int = 0) -> dict[str, list[int]]:
+    """For non-image inputs with symbolic non-batch dims and no calibration data: the first size from
+    PROBE_SIZES (same for every such dim; batch 1) with which onnxruntime runs the model, or {}."""
+    from compiler.runtime import make_session
+
+    symbolic = {t.name: t for t in module.graph.inputs if t.shape is not None and len(t.shape) != 4
+                and any(not (isinstance(d, int) and d >= 0) for d in t.shape[1:])}
+    if not symbolic:
+        return {}
+    batch_names = {t.shape[0] for t in module.graph.inputs if t.shape and isinstance(t.shape[0], str)}
+    proto = module.to_proto()
+    session = None
+    for size in PROBE_SIZES:
+        def dim(i, d):
+            if isinstance(d, int) and d >= 0:
+                return d
+            return 1 if i == 0 or d in batch_names else size  # batch dims (by name) stay 1 everywhere
+
+        shapes = {name: [dim(i, d) for i, d in enumerate(t.shape)] for name, t in symbolic.items()}
+        specs = [InputSpec(s.name, tuple(shapes.get(s.name, s.shape)), s.dtype) for s in input_specs(module)]
+        try:
+            session = session or make_session(proto)
+            session.run(None, load_calibration(None, specs, seed=seed).first(1))
+            return shapes
+        except Exception:  # this size does not run: try the next one
+            continue
+    return {}
 
 
 def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:

@@ -19,7 +19,7 @@ def session_options(threads: int = 0, optimize: bool = True, arena: bool = True)
     """SessionOptions with warnings silenced; `threads` 0 lets onnxruntime choose; `arena` False returns
     memory after each run (for sessions that expose many intermediate tensors)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors reach the user as one line through drpc's own exceptions
     opts.intra_op_num_threads = threads
     opts.enable_cpu_mem_arena = arena
     if not optimize:

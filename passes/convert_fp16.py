@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import onnx
 import onnx_graphsurgeon as gs
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Pass, register_pass
+from compiler.runtime import make_session
 
 # Kept in float32: ops whose fp16 kernels are missing in onnxruntime or that need the range.
 KEEP_FLOAT = ["Range", "NonMaxSuppression", "TopK", "RoiAlign", "CumSum", "Resize", "Upsample", "If", "Loop",
@@ -17,8 +20,8 @@ class ConvertFp16(Pass):
     """Convert float32 weights and activations to float16; graph inputs and outputs stay float32.
 
     Uses onnxruntime's float16 converter (Cast nodes at the borders of float32 islands). Guarantees: the
-    model's interface is unchanged; ops listed in KEEP_FLOAT, custom-domain ops and nodes named in
-    ctx.options["exclude"] stay float32.
+    model's interface is unchanged; ops listed in KEEP_FLOAT, custom-domain ops, nodes named in
+    ctx.options["exclude"] and nodes whose outputs If/Loop bodies read from the outer scope stay float32.
     """
 
     name = "convert-fp16"
@@ -26,11 +29,60 @@ class ConvertFp16(Pass):
     def run(self, module, ctx) -> bool:
         exclude = set((ctx.options.get("exclude") or []) if ctx is not None else [])
         graph = module.graph
-        block_nodes = [n.name for n in graph.nodes if n.name in exclude or n.op in exclude or n.domain]
+        captured = _outer_scope_names(graph)
+        block_nodes = [n.name for n in graph.nodes if n.name in exclude or n.op in exclude or n.domain
+                       or any(t.name in captured for t in n.outputs)]
         proto = module.to_proto(infer_shapes=True)
-        converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=KEEP_FLOAT,
+        hidden = _hide_subgraphs(proto)
+        converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=KEEP_FLOAT + [OPAQUE],
                                              node_block_list=block_nodes, disable_shape_infer=True)
+        _restore_subgraphs(converted, hidden)
+        try:
+            make_session(converted)
+        except Exception as exc:  # the converter's output must load; say which construct broke it
+            first = str(exc).strip().splitlines()[0][-160:]
+            where = f" (subgraph nodes: {', '.join(sorted(hidden))[:120]})" if hidden else ""
+            raise UnsupportedModelError(f"fp16 conversion gives a model onnxruntime refuses{where}: {first}") from None
         module.graph = gs.import_onnx(converted)
         if ctx is not None:
             ctx.log(kept_float_ops=sorted({n.op for n in graph.nodes if n.op in KEEP_FLOAT}), kept_float_nodes=block_nodes)
         return True
+
+
+OPAQUE = "DrpcOpaqueSubgraphOp"
+
+
+def _hide_subgraphs(proto) -> dict[str, tuple]:
+    """Turn If/Loop/Scan nodes into opaque placeholders (the converter must not rewrite their float bodies)."""
+    hidden = {}
+    for node in proto.graph.node:
+        graphs = [a for a in node.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
+        if not graphs:
+            continue
+        saved = [onnx.AttributeProto() for _ in node.attribute]
+        for copy_, attr in zip(saved, node.attribute):
+            copy_.CopyFrom(attr)
+        hidden[node.name] = (node.op_type, node.domain, saved)
+        del node.attribute[:]
+        node.op_type, node.domain = OPAQUE, ""
+    return hidden
+
+
+def _restore_subgraphs(proto, hidden: dict[str, tuple]) -> None:
+    for node in proto.graph.node:
+        if node.name in hidden:
+            node.op_type, node.domain, saved = hidden[node.name]
+            del node.attribute[:]
+            node.attribute.extend(saved)
+
+
+def _outer_scope_names(graph: gs.Graph) -> set[str]:
+    """Names that subgraphs (If/Loop bodies, at any depth) read without producing them."""
+    names: set[str] = set()
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                produced = {t.name for n in value.nodes for t in n.outputs} | {t.name for t in value.inputs}
+                used = {t.name for n in value.nodes for t in n.inputs if not isinstance(t, gs.Constant)}
+                names |= (used - produced) | _outer_scope_names(value)
+    return names

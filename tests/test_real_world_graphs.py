@@ -1,0 +1,55 @@
+"""Constructs real models have: symbolic dims without data, weights in Constant nodes, If with captures, LSTM."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from backends.simulator import simulate
+from compiler.api import compile_model
+from graphs import init, rand
+
+
+def test_symbolic_length_is_probed_without_calibration_data(tmp_path):
+    """Reflect padding needs a length >= 3: the synthetic shape probe must find one that runs."""
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], name="pad", mode="reflect"),
+             helper.make_node("Relu", ["p"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", None])],
+                              [init("pads", np.array([0, 2, 0, 2], np.int64))])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(m, tmp_path / "m.onnx")
+    result = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "pkg")
+    assert any("compiled for shape [1, 16]" in w for w in result.warnings)
+    assert simulate(tmp_path / "pkg").ok
+
+
+def test_if_with_outer_scope_capture_and_lstm_stay_float(tmp_path):
+    w = rand(4, 4)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["o"], name="then_mm")], "then", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4])], [init("wt", w)])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["o2"], name="else_id")], "else", [],
+                               [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [1, 4])])
+    nodes = [helper.make_node("Constant", [], ["k"], name="weights_in_constant",
+                              value=helper.make_tensor("k", TensorProto.FLOAT, [4, 4], rand(4, 4).ravel())),
+             helper.make_node("MatMul", ["x", "k"], ["h"], name="mm"),
+             helper.make_node("If", ["cond"], ["b"], name="branch", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Unsqueeze", ["b", "axes"], ["seq"], name="unsq"),
+             helper.make_node("LSTM", ["seq", "lw", "lr"], ["lstm_y"], name="lstm", hidden_size=3),
+             helper.make_node("Flatten", ["lstm_y"], ["y"], name="flat")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              [init("axes", np.array([0], np.int64)), init("lw", rand(1, 12, 4)), init("lr", rand(1, 12, 3))])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(m)
+    onnx.save(m, tmp_path / "m.onnx")
+    out = tmp_path / "pkg"
+    compile_model(tmp_path / "m.onnx", "rzv2h", out)
+    deploy = __import__("json").loads((out / "deploy.json").read_text())
+    engines = {l["name"]: l["engine"] for l in deploy["layers"]}
+    assert engines["branch"] == "cpu" and engines["lstm"] == "cpu"
+    compiled = onnx.load(str(out / "model.onnx"))
+    branch = next(n for n in compiled.graph.node if n.op_type == "If")
+    then_body = next(a.g for a in branch.attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_body.node] == ["MatMul"]  # passed through untouched
+    assert simulate(out).ok
