@@ -12,12 +12,13 @@ from compiler.errors import PackageError
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = "deploy.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / SCHEMA_FILE
 
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
     """The deploy.json JSON Schema (draft 2020-12)."""
-    return json.loads((Path(__file__).resolve().parent / SCHEMA_FILE).read_text())
+    return json.loads(SCHEMA_PATH.read_text())
 
 
 def validate_descriptor(descriptor: dict) -> None:

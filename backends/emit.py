@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 
 from backends.cost_model import count_macs, count_params, estimate
-from backends.deploy_schema import SCHEMA_VERSION, validate_descriptor
+from backends.deploy_schema import SCHEMA_FILE, SCHEMA_PATH, SCHEMA_VERSION, validate_descriptor
 from backends.memory_plan import plan_memory
 from backends.package import staged_directory, write_arrays, write_json
 from backends.partition import partition
@@ -129,6 +130,7 @@ def emit_package(inp: PackageInputs, out_dir: Path, force: bool) -> dict:
         save_proto(inp.model, tmp / "model.onnx")
         save_proto(inp.reference, tmp / "reference.onnx")
         write_json(tmp / "deploy.json", descriptor)
+        shutil.copyfile(SCHEMA_PATH, tmp / SCHEMA_FILE)  # the package documents its own descriptor format
         (tmp / "addr_map.txt").write_text("\n".join(addr_lines) + "\n")
         samples = inp.ctx.sample_inputs(4)
         if samples is not None and sum(a.nbytes for a in samples.values()) > SAMPLE_BYTES:

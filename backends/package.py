@@ -41,7 +41,10 @@ def staged_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
     check_out_dir(out_dir, force)
     parent = out_dir.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"{out_dir}: parent directory {parent} is not writable ({exc.strerror or exc})") from None
     try:
         yield tmp
         if out_dir.exists():
