@@ -69,11 +69,29 @@ def _hide_subgraphs(proto) -> dict[str, tuple]:
 
 
 def _restore_subgraphs(proto, hidden: dict[str, tuple]) -> None:
+    """Put the float bodies back; outer-scope reads of a tensor the converter now casts to fp16 are pointed
+    at the float tensor before that Cast."""
+    float_source = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Cast"
+                    and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)}
     for node in proto.graph.node:
         if node.name in hidden:
             node.op_type, node.domain, saved = hidden[node.name]
             del node.attribute[:]
             node.attribute.extend(saved)
+            for attr in node.attribute:
+                for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    _rename_reads(body, float_source)
+
+
+def _rename_reads(body, mapping: dict[str, str]) -> None:
+    local = {o for n in body.node for o in n.output} | {i.name for i in body.input}
+    for n in body.node:
+        for i, name in enumerate(n.input):
+            if name in mapping and name not in local:
+                n.input[i] = mapping[name]
+        for attr in n.attribute:
+            for inner in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _rename_reads(inner, {k: v for k, v in mapping.items() if k not in local})
 
 
 def _outer_scope_names(graph: gs.Graph) -> set[str]:

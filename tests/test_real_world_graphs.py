@@ -23,7 +23,8 @@ def test_symbolic_length_is_probed_without_calibration_data(tmp_path):
     assert simulate(tmp_path / "pkg").ok
 
 
-def test_if_with_outer_scope_capture_and_lstm_stay_float(tmp_path):
+def if_lstm_model():
+    """Weights in a Constant node, an If whose branches read an outer tensor, an LSTM."""
     w = rand(4, 4)
     then_g = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["o"], name="then_mm")], "then", [],
                                [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4])], [init("wt", w)])
@@ -42,7 +43,11 @@ def test_if_with_outer_scope_capture_and_lstm_stay_float(tmp_path):
                               [init("axes", np.array([0], np.int64)), init("lw", rand(1, 12, 4)), init("lr", rand(1, 12, 3))])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(m)
-    onnx.save(m, tmp_path / "m.onnx")
+    return m
+
+
+def test_if_with_outer_scope_capture_and_lstm_stay_float(tmp_path):
+    onnx.save(if_lstm_model(), tmp_path / "m.onnx")
     out = tmp_path / "pkg"
     compile_model(tmp_path / "m.onnx", "rzv2h", out)
     deploy = __import__("json").loads((out / "deploy.json").read_text())
@@ -53,3 +58,14 @@ def test_if_with_outer_scope_capture_and_lstm_stay_float(tmp_path):
     then_body = next(a.g for a in branch.attribute if a.name == "then_branch")
     assert [n.op_type for n in then_body.node] == ["MatMul"]  # passed through untouched
     assert simulate(out).ok
+
+
+def test_fp16_keeps_if_bodies_consistent(tmp_path):
+    """rzv2l converts to fp16; the If bodies stay float and read the float version of captured tensors."""
+    onnx.save(if_lstm_model(), tmp_path / "m.onnx")
+    out = tmp_path / "pkg"
+    compile_model(tmp_path / "m.onnx", "rzv2l", out)
+    report = simulate(out)
+    assert report.ok and report.outputs["y"]["cosine"] > 0.999
+    compiled = onnx.load(str(out / "model.onnx"))
+    assert any(n.op_type == "Cast" for n in compiled.graph.node)
