@@ -28,7 +28,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import datasets  # noqa: E402
 from ptq import latency_ms  # noqa: E402
 
-LOSSLESS = ("upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,fuse-conv-bn,"
+LOSSLESS = ("upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,fuse-conv-bn,fuse-conv-add,"
             "fuse-pad-conv,fuse-matmul-add,fuse-hardswish")
 MODELS = ("efficientnet_lite0", "ppocr_mobile_v2_cls", "mnist_cntk", "mnist_resnet")
 

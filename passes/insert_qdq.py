@@ -12,6 +12,7 @@ from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
 from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, gptq_round,
                                  is_weight_input, quantize_weight, weight_axis)
 
+GATE_ACTIVATIONS = {"HardSigmoid", "Sigmoid", "Tanh"}  # float gates after a conv read its int8 output
 GPTQ_SAMPLES = 128  # calibration samples whose layer inputs shape the second-order weight rounding
 ELEMENTWISE = {"Add", "Mul", "Sigmoid", "HardSwish", "LeakyRelu"}
 ALWAYS_FLOAT = {"LSTM", "GRU", "RNN", "If", "Loop", "Scan", "NonMaxSuppression", "TopK"}
@@ -130,6 +131,7 @@ class InsertQDQ(Pass):
             elif node.op not in ELEMENTWISE or _elementwise_in_int8(node, int8):
                 int8.add(node.name)
         chosen: dict[int, gs.Variable] = {}
+        gates: set[str] = set()
 
         def want(t: gs.Tensor) -> None:
             if (isinstance(t, gs.Variable) and t.name and t.dtype is not None and np.dtype(t.dtype) == np.float32
@@ -145,11 +147,16 @@ class InsertQDQ(Pass):
                     if not is_weight_input(node, i) and not (node.op in ("Conv", "ConvTranspose", "Gemm") and i == 2):
                         if not isinstance(t, gs.Constant):
                             want(t)
-            for out in node.outputs:  # an output is stored as int8 only when an int8 op reads it
+            for out in node.outputs:  # an output is stored as int8 only when an int8 op reads it ...
                 stored = _absorbed_output(graph, out)
                 if any(r.name in int8 for r in stored.outputs):
                     want(stored)
-        return [(t, {r.name for r in t.outputs if r.name in int8}) for t in chosen.values()]
+                elif node.op in ("Conv", "ConvTranspose") and stored.outputs and all(
+                        r.op in GATE_ACTIVATIONS for r in stored.outputs):
+                    want(stored)  # ... or when a conv feeds only a float gate (SE blocks): the conv runs in int8
+                    gates.update(r.name for r in stored.outputs)
+        readers = int8 | gates
+        return [(t, {r.name for r in t.outputs if r.name in readers}) for t in chosen.values()]
 
 
 def _int8_source(tensor: gs.Tensor):

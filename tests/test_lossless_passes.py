@@ -200,3 +200,22 @@ def test_fuse_hardswish_needs_exact_constants():
              init("six", np.array(6.0, np.float32)), init("five", np.array(5.0, np.float32))]
     original = model(nodes, [("x", TensorProto.FLOAT, [2, 8])], [("y", TensorProto.FLOAT, [2, 8])], inits, opset=14)
     assert not run_pass(original, "fuse-hardswish")[0]
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 4, 1, 1), (4, 1, 1), ()])
+def test_fuse_conv_add(bias_shape):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "b"], ["y"], name="bias_add")]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 6, 6])], [("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                     [init("w", rand(4, 3, 1, 1)), init("b", rand(*bias_shape) if bias_shape else np.float32(0.7))])
+    changed, fused = run_pass(original, "fuse-conv-add")
+    assert changed and ops(fused) == ["Conv"]
+    outputs_close(original, fused, {"x": rand(1, 3, 6, 6)}, rtol=1e-6)
+
+
+def test_fuse_conv_add_refuses_spatial_broadcast():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "b"], ["y"], name="add")]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 6, 6])], [("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                     [init("w", rand(4, 3, 1, 1)), init("b", rand(6))])
+    assert not run_pass(original, "fuse-conv-add")[0]
