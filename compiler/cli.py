@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -207,13 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"drpc: error: {exc}", err=True)
         return exc.exit_code
-    except (typer.Exit, click.exceptions.Exit) as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("drpc: interrupted; no package was written", err=True)
         return 130
     except Exception as exc:
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # typer's/click's usage errors
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # typer's usage errors
             exc.show()
             return exc.exit_code
         if debug:  # a bug in drpc: still one line unless --debug
