@@ -60,6 +60,16 @@ def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor, drop: gs.Tensor) -> 
     return True
 
 
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """Set input `index` of `node` (appending it when it is the next one, e.g. a Conv's missing bias)."""
+    if index < len(node.inputs):
+        node.inputs[index] = tensor
+    elif index == len(node.inputs):
+        node.inputs.append(tensor)
+    else:
+        raise IndexError(f"{node.name}: cannot set input {index} of {len(node.inputs)}")
+
+
 def replace_uses(old: gs.Tensor, new: gs.Tensor, readers: list[gs.Node] | None = None) -> None:
     """Make `readers` (default: every reader of `old`) read `new` wherever they read `old`."""
     for reader in list(old.outputs) if readers is None else readers:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Pass, register_pass
-from compiler.rewrite import bypass, const_value, fresh_name, sole_consumer
+from compiler.rewrite import bypass, const_value, fresh_name, set_input, sole_consumer
 
 
 @register_pass
@@ -41,10 +41,7 @@ class FuseConvAdd(Pass):
                 continue
             bias = gs.Constant(fresh_name(graph, conv.name + "_B"),
                                (old.astype(np.float64) + np.broadcast_to(c.reshape(-1), (channels,))).astype(old.dtype))
-            if len(conv.inputs) > 2:
-                conv.inputs[2] = bias
-            else:
-                conv.inputs.append(bias)
+            set_input(conv, 2, bias)
             if bypass(graph, add, conv.outputs[0], add.outputs[0]):
                 fused += 1
         if fused:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Pass, register_pass
-from compiler.rewrite import bypass, const_value, fresh_name, sole_consumer
+from compiler.rewrite import bypass, const_value, fresh_name, set_input, sole_consumer
 
 
 @register_pass
@@ -45,11 +45,7 @@ class FuseConvBatchNorm(Pass):
             new_b = (b - mean) * scale + beta
             dtype = weight.dtype
             conv.inputs[1] = gs.Constant(fresh_name(graph, conv.name + "_W"), new_w.astype(dtype))
-            bias_const = gs.Constant(fresh_name(graph, conv.name + "_B"), new_b.astype(dtype))
-            if len(conv.inputs) > 2:
-                conv.inputs[2] = bias_const
-            else:
-                conv.inputs.append(bias_const)
+            set_input(conv, 2, gs.Constant(fresh_name(graph, conv.name + "_B"), new_b.astype(dtype)))
             if bypass(graph, bn, conv.outputs[0], bn.outputs[0]):
                 fused += 1
         if fused:

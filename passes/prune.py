@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
-from compiler.rewrite import fresh_name
+from compiler.rewrite import fresh_name, set_input
 from passes.prune_channel import prune_channels
 from passes.prune_common import layer_statistics, prunable_layers, weight_rows
 from passes.prune_sparse import error_curve, sparse_prune_layer
@@ -88,19 +88,14 @@ def _correct_bias(graph, node, old_w: np.ndarray, new_w: np.ndarray, st) -> None
     delta = weight_rows(node, old_w.astype(np.float64) - new_w.astype(np.float64))
     per_group = delta.shape[0] // st.groups
     shift = np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
-    if node.op == "Conv":
-        index = 2
-    elif node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0:
-        index = 2
-    else:
+    if not (node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0)):
         return  # MatMul has no bias input
-    if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
-        bias = np.asarray(node.inputs[index].values, np.float64)
-        if bias.shape != shift.shape:
-            return
-        node.inputs[index] = gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), (bias + shift).astype(np.float32))
-    elif len(node.inputs) == index:
-        node.inputs.append(gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), shift.astype(np.float32)))
+    index = 2
+    if len(node.inputs) > index and not isinstance(node.inputs[index], gs.Constant):
+        return
+    bias = np.asarray(node.inputs[index].values, np.float64) if len(node.inputs) > index else np.zeros_like(shift)
+    if bias.shape == shift.shape:
+        set_input(node, index, gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), (bias + shift).astype(np.float32)))
 
 
 def allocate_sparsity(layers, stats, ratio: float, step: float = 0.025, spread: float = 0.1) -> dict[str, float]:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
-from compiler.rewrite import fresh_name, is_graph_output
+from compiler.rewrite import fresh_name, is_graph_output, set_input
 from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
 
 CHANNEL_WISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "MaxPool", "AveragePool",
@@ -174,11 +174,7 @@ def _apply(graph: gs.Graph, g: ChannelGroup, drop: np.ndarray, stats, ctx) -> No
     cons.inputs[1] = gs.Constant(fresh_name(graph, cons.inputs[1].name + "_pruned"), new_w.astype(np.float32))
     if bias_delta is not None:
         old = np.asarray(cons.inputs[2].values, np.float64) if len(cons.inputs) > 2 else np.zeros(rows.shape[0])
-        bias = gs.Constant(fresh_name(graph, cons.name + "_bias_refit"), (old + bias_delta).astype(np.float32))
-        if len(cons.inputs) > 2:
-            cons.inputs[2] = bias
-        else:
-            cons.inputs.append(bias)
+        set_input(cons, 2, gs.Constant(fresh_name(graph, cons.name + "_bias_refit"), (old + bias_delta).astype(np.float32)))
     if ctx is not None:
         ctx.layer(prod.name, channels_before=int(c), channels_after=int(len(keep)))
         ctx.layer(cons.name, refit="least-squares" if stats is not None else "none")
