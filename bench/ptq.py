@@ -97,7 +97,7 @@ def run_tool(tool, task, calib_path, out, method) -> dict:
     inherit its resident-set high-water mark, so the peak is measured by `time` around a clean exec."""
     cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, __file__, "--worker", tool, task.name,
            str(calib_path), str(out), method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)  # peers leave temp files in cwd
     peak = [line for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB ")]
     if proc.returncode != 0 or not out.exists():
         lines = [line for line in proc.stderr.strip().splitlines()
