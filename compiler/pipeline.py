@@ -12,7 +12,7 @@ import re
 from compiler.errors import UsageError
 from compiler.passmanager import PassManager, create_pass
 
-_TOKEN = re.compile(r'\s*(?:(?P<name>[A-Za-z_][\w\-.]*)|(?P<str>"[^"]*")|(?P<num>[-+]?[\d.][\w.+-]*)|(?P<punct>[{}(),=;])|(?P<bad>\S))')
+_TOKEN = re.compile(r'\s*(?:(?P<name>[A-Za-z_][\w\-.]*)|(?P<str>"[^"]*")|(?P<num>[-+]?[\d.][\w.+:-]*)|(?P<punct>[{}(),=;])|(?P<bad>\S))')
 
 
 def parse_pipeline(text: str) -> PassManager:

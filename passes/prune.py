@@ -10,19 +10,25 @@ from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import fresh_name, set_input
 from passes.prune_channel import prune_channels
 from passes.prune_common import layer_statistics, prunable_layers, weight_rows
+from passes.prune_sensitivity import measured_curves
 from passes.prune_sparse import error_curve, sparse_prune_layer
+
+
+SPREAD = 0.1  # estimated allocation keeps each layer within this of the ratio
 
 
 @register_pass
 class Prune(Pass):
     """Remove a fraction `ratio` of the prunable weights, after training, using calibration activations.
 
-    sparse: zero individual weights (shapes unchanged) in the target's pattern, scored by |w| x the norm
-    of the input channel it multiplies, and refit the remaining weights of each output row by least squares
-    on the calibration statistics (H = XᵀX), so layer outputs stay close. channel: remove whole output
-    channels where the dependency analysis proves it safe (see prune_channel). Guarantees: the achieved
-    fraction of zero (sparse) or removed (channel) prunable weights equals `ratio` within rounding, or an
-    UnsupportedModelError says which part cannot be pruned; per-layer facts go to the report.
+    sparse: zero individual weights (shapes unchanged) in the target's pattern with optimal-brain-surgeon
+    updates of the remaining weights on H = XᵀX from calibration activations (see prune_sparse), the mean
+    output shift moved into the bias; per-layer sparsity comes from the model's measured output error when
+    each layer alone is pruned at several sparsities (allocation=measured, see prune_sensitivity).
+    channel: remove whole output channels as the dependency analysis allows (see prune_channel).
+    Guarantees: the achieved fraction of zero (sparse) or removed (channel) prunable weights equals `ratio`
+    within rounding, or an UnsupportedModelError says which part cannot be pruned; per-layer facts go to
+    the report.
     """
 
     name = "prune"
@@ -35,6 +41,9 @@ class Prune(Pass):
         "round_to": Option(int, 0, "keep channel counts a multiple of this (default: the target's)", minimum=0),
         "method": Option(str, "obs", "obs (data-driven choice and refit) or magnitude (the plain baseline)",
                          choices=("obs", "magnitude")),
+        "allocation": Option(str, "measured", "sparse obs: per-layer sparsity from the model's measured output error "
+                             "(measured) or from each layer's own estimated error, within ±0.1 of ratio (estimated)",
+                             choices=("measured", "estimated")),
     }
 
     def run(self, module, ctx) -> bool:
@@ -66,14 +75,14 @@ class Prune(Pass):
         stats = layer_statistics(module, ctx, layers) if self.method == "obs" else {}
         total = sum(int(np.asarray(node.inputs[1].values).size) for node in layers)
         uniform = n_m is not None or self.method == "magnitude"
-        ratios = {n.name: self.ratio for n in layers} if uniform else allocate_sparsity(layers, stats, self.ratio)
+        ratios = {n.name: self.ratio for n in layers} if uniform else self._allocate(module, ctx, layers, stats, n_m)
         zeros = 0
         for node in layers:
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
             new_w, info = sparse_prune_layer(node, weight, ratios[node.name], stats.get(node.name), n_m)
             node.inputs[1] = gs.Constant(node.inputs[1].name + "_pruned", new_w.astype(weight.dtype))
             if stats.get(node.name) is not None:
-                _correct_bias(module.graph, node, weight, new_w, stats[node.name])
+                _add_to_bias(module.graph, node, bias_shift(node, weight, new_w, stats[node.name]))
             zeros += int(np.count_nonzero(new_w == 0))
             if ctx is not None:
                 ctx.layer(node.name, sparsity=float(np.mean(new_w == 0)), params_before=int(weight.size),
@@ -81,13 +90,35 @@ class Prune(Pass):
         return {"method": self.method, "pattern": pattern, "prunable_weights": total, "zero_weights": zeros,
                 "achieved_ratio": round(zeros / max(total, 1), 4), "layers": len(layers)}
 
+    def _allocate(self, module, ctx, layers, stats, n_m) -> dict[str, float]:
+        sizes = {n.name: int(np.asarray(n.inputs[1].values).size) for n in layers}
+        if self.allocation == "measured" and stats:
+            def prune(node, ratio):
+                weight = np.asarray(node.inputs[1].values, dtype=np.float32)
+                new_w = sparse_prune_layer(node, weight, ratio, stats.get(node.name), n_m)[0]
+                out = {node.inputs[1].name: new_w}
+                if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.name in stats:
+                    out[node.inputs[2].name] = (np.asarray(node.inputs[2].values, np.float64)
+                                                + bias_shift(node, weight, new_w, stats[node.name])).astype(np.float32)
+                return out
 
-def _correct_bias(graph, node, old_w: np.ndarray, new_w: np.ndarray, st) -> None:
-    """Move the mean output change of pruning, (W - W') E[x], into the layer's bias."""
+            with ctx.progress("Measuring layer sensitivity", len(layers)) as advance:
+                grid, curves = measured_curves(module.to_proto(), layers, ctx.calib, prune, progress=advance)
+            return allocate_sparsity(grid, curves, sizes, self.ratio)
+        grid = np.round(np.arange(0.0, min(0.95, self.ratio + SPREAD) + 1e-9, 0.025), 6)
+        return allocate_sparsity(grid, estimated_curves(layers, stats, grid), sizes, self.ratio)
+
+
+def bias_shift(node, old_w: np.ndarray, new_w: np.ndarray, st) -> np.ndarray:
+    """The mean output change of pruning, (W - W') E[x], per output."""
     mean_x = st.sums / max(st.count, 1)                       # [groups, d]
     delta = weight_rows(node, old_w.astype(np.float64) - new_w.astype(np.float64))
     per_group = delta.shape[0] // st.groups
-    shift = np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
+    return np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
+
+
+def _add_to_bias(graph, node, shift: np.ndarray) -> None:
+    """Add `shift` (one value per output) to the layer's constant bias, creating it for a Conv/Gemm without one."""
     if not (node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0)):
         return  # MatMul has no bias input
     index = 2
@@ -98,37 +129,38 @@ def _correct_bias(graph, node, old_w: np.ndarray, new_w: np.ndarray, st) -> None
         set_input(node, index, gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), (bias + shift).astype(np.float32)))
 
 
-def allocate_sparsity(layers, stats, ratio: float, step: float = 0.025, spread: float = 0.1) -> dict[str, float]:
-    """Per-layer sparsity meeting `ratio` overall: greedily raise the layer whose estimated relative output
-    error grows least per weight removed (error curves from the OBS saliency on calibration statistics),
-    keeping every layer within `spread` of `ratio` so that no single layer is gutted."""
-    cap = min(0.95, ratio + spread)
-    grid = np.round(np.arange(0.0, cap + 1e-9, step), 6)
-    curves, sizes = {}, {}
+def estimated_curves(layers, stats, grid: np.ndarray) -> dict[str, np.ndarray]:
+    """Per layer, the relative output error of the layer itself at each sparsity of `grid`, estimated from the
+    OBS saliency on the calibration statistics (plain magnitude² without statistics)."""
+    curves = {}
     for node in layers:
-        weight = np.asarray(node.inputs[1].values, dtype=np.float64)
+        rows = weight_rows(node, np.asarray(node.inputs[1].values, dtype=np.float64))
         st = stats.get(node.name)
-        rows = weight_rows(node, weight)
-        if st is not None and st.groups == 1:
-            curves[node.name] = error_curve(rows, st.hessians[0], grid)
-        else:
-            curves[node.name] = error_curve(rows, None, grid)
-        sizes[node.name] = weight.size
+        curves[node.name] = error_curve(rows, st.hessians[0] if st is not None and st.groups == 1 else None, grid)
+    return curves
+
+
+def allocate_sparsity(grid: np.ndarray, curves: dict[str, np.ndarray], sizes: dict[str, int], ratio: float,
+                      cap: float = 0.95, step: float = 0.025) -> dict[str, float]:
+    """Per-layer sparsity meeting `ratio` of all weights overall: greedily raise the layer whose error (its curve,
+    interpolated between the `grid` points) grows least per weight removed, never past `cap`."""
+    fine = np.round(np.arange(0.0, min(cap, grid[-1]) + 1e-9, step), 6)
+    cost = {n: np.interp(fine, grid, c) for n, c in curves.items()}
     level = {n: 0 for n in curves}
-    goal = ratio * sum(sizes.values())
+    goal = ratio * sum(sizes[n] for n in curves)
     removed, best = 0.0, None
     while removed < goal:
         best, best_cost = None, np.inf
         for name, i in level.items():
-            if i + 1 < len(grid):
-                cost = (curves[name][i + 1] - curves[name][i]) / (step * sizes[name])
-                if cost < best_cost:
-                    best, best_cost = name, cost
+            if i + 1 < len(fine):
+                c = (cost[name][i + 1] - cost[name][i]) / sizes[name]
+                if c < best_cost:
+                    best, best_cost = name, c
         if best is None:
             break
         level[best] += 1
         removed += step * sizes[best]
-    out = {n: float(grid[i]) for n, i in level.items()}
+    out = {n: float(fine[i]) for n, i in level.items()}
     # the last step overshoots by < one grid step of one layer: trim it so the total matches `ratio`
     excess = removed - goal
     if excess > 0 and best is not None:

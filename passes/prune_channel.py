@@ -1,206 +1,240 @@
-"""Structured channel pruning: remove whole output channels where the graph allows it, refit the consumer.
+"""Structured channel pruning: remove whole output channels where the graph allows it, refit the consumers.
 
-A channel group starts at a Conv (group=1) and follows its output through ops that keep channels apart
-(Relu, Clip, LeakyRelu, HardSwish, Sigmoid, pooling, depthwise Conv, GlobalAveragePool, Flatten) to one
-consumer (Conv with group=1, or Gemm). Anything else on the way (a second reader such as a residual Add,
-Concat, Reshape, an unknown op) blocks the group instead of being guessed through. The consumer is refit
-by least squares (with an intercept, so the mean of the removed channels moves into its bias) on the
-calibration statistics of its input.
+Which channels go together comes from the dependency analysis in channel_groups (residual Adds, SE gates,
+Concat/Split/Slice offsets, depthwise convs, BatchNorm, per-channel constants, Flatten/Reshape into Gemm);
+a space that analysis blocks is left whole. Channels are ranked by their activation-aware contribution to
+the layers that read them, a space keeps a multiple of the target's alignment, and every consuming layer
+is refit by least squares (with an intercept, so the mean of the removed channels moves into its bias) on
+the calibration statistics of its input.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
-from compiler.rewrite import fresh_name, is_graph_output, set_input
+from compiler.rewrite import const_value, fresh_name, set_input
+from passes.channel_groups import ChannelAnalysis, Space, analyze, kept_positions
 from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
 
-CHANNEL_WISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "MaxPool", "AveragePool",
-                "GlobalAveragePool", "GlobalMaxPool", "Identity"}
+
+def columns_per_position(node: gs.Node) -> int:
+    """Weight columns per input feature position: kh*kw for Conv, 1 for Gemm."""
+    w = np.asarray(node.inputs[1].values)
+    return int(np.prod(w.shape[2:])) if node.op == "Conv" else 1
 
 
-@dataclass(eq=False)
-class ChannelGroup:
-    """Producer rows, depthwise convs and consumer columns that share one channel index."""
-
-    producer: gs.Node
-    depthwise: list[gs.Node] = field(default_factory=list)
-    consumer: gs.Node | None = None
-    columns_per_channel: int = 1   # consumer input columns per channel (kh*kw for Conv, H*W after Flatten)
-    blocked: str = ""
-
-
-def find_groups(graph: gs.Graph, layers: list[gs.Node]) -> list[ChannelGroup]:
-    """One ChannelGroup per prunable Conv producer (blocked ones carry the reason)."""
-    groups = []
-    for node in layers:
-        if node.op != "Conv" or node.attrs.get("group", 1) != 1:
-            continue
-        group = ChannelGroup(node)
-        t = node.outputs[0]
-        flatten_block = 1
-        while True:
-            if is_graph_output(graph, t) or len(t.outputs) != 1:
-                group.blocked = f"output of '{node.name}' has {len(t.outputs)} readers" + (
-                    " (a graph output)" if is_graph_output(graph, t) else "")
-                break
-            r = t.outputs[0]
-            channels = node.inputs[1].values.shape[0]
-            if r.op in CHANNEL_WISE and r.inputs[0] is t:
-                t = r.outputs[0]
-            elif r.op == "Conv" and r.inputs[0] is t and r.attrs.get("group", 1) == channels \
-                    and r.inputs[1].values.shape[0] == channels and isinstance(r.inputs[1], gs.Constant):
-                group.depthwise.append(r)
-                t = r.outputs[0]
-            elif r.op == "Flatten" and r.attrs.get("axis", 1) == 1 and t.shape and all(isinstance(d, int) for d in t.shape[1:]):
-                flatten_block = int(np.prod(t.shape[2:])) if len(t.shape) > 2 else 1
-                t = r.outputs[0]
-            elif r.op == "Conv" and r.inputs[0] is t and r.attrs.get("group", 1) == 1 and isinstance(r.inputs[1], gs.Constant):
-                group.consumer = r
-                group.columns_per_channel = int(np.prod(r.inputs[1].values.shape[2:]))
-                break
-            elif r.op == "Gemm" and r.inputs[0] is t and not r.attrs.get("transA", 0) and isinstance(r.inputs[1], gs.Constant):
-                group.consumer = r
-                group.columns_per_channel = flatten_block
-                break
-            else:
-                group.blocked = f"'{r.name}' ({r.op}) reads the channels of '{node.name}'"
-                break
-        groups.append(group)
-    return groups
+def consumer_columns(analysis: ChannelAnalysis, node: gs.Node, tensor: str, keep: dict[int, np.ndarray]) -> np.ndarray:
+    """The consumer's weight columns that survive."""
+    per = columns_per_position(node)
+    pos = kept_positions(analysis.view[tensor], keep)
+    return (pos[:, None] * per + np.arange(per)[None, :]).reshape(-1)
 
 
 def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int, data_driven: bool = True) -> dict:
     """Remove output channels so that `ratio` of the prunable weights go; returns the facts for the report.
 
-    data_driven: rank by activation x consumer weight and refit the consumer; otherwise the magnitude
-    baseline (L1 norm of the producer's filters, no refit)."""
+    data_driven: rank by activation x consumer weight and refit the consumers; otherwise the magnitude
+    baseline (L1 norm of the producers' filters, no refit)."""
     graph = module.graph
-    groups = find_groups(graph, layers)
-    usable = [g for g in groups if not g.blocked]
+    analysis = analyze(graph, layers)
+    base = [s for s in analysis.base() if s.producers]
+    usable = [s for s in base if not s.blocked and s.channels > max(round_to, 1)]
     total = sum(int(n.inputs[1].values.size) for n in layers)
-    stats = layer_statistics(module, ctx, [g.consumer for g in usable]) if data_driven else {}
-    cost, scores = {}, {}
-    for g in usable:
-        c = g.producer.inputs[1].values.shape[0]
-        per_channel = g.producer.inputs[1].values[0].size + sum(d.inputs[1].values[0].size for d in g.depthwise)
-        cons_rows = weight_rows(g.consumer, np.asarray(g.consumer.inputs[1].values))
-        per_channel += cons_rows.shape[0] * g.columns_per_channel
-        cost[id(g)] = per_channel
-        if data_driven:
-            col_norm = np.linalg.norm(cons_rows.reshape(cons_rows.shape[0], c, g.columns_per_channel), axis=(0, 2))
-            st = stats.get(g.consumer.name)
-            act = np.sqrt(np.diag(st.hessians[0]).reshape(c, -1).sum(axis=1) / max(st.count, 1)) if st else np.ones(c)
-            s = col_norm * act
-        else:
-            s = np.abs(np.asarray(g.producer.inputs[1].values)).reshape(c, -1).sum(axis=1)
-        scores[id(g)] = s / max(s.mean(), 1e-12)
+    consumers = analysis.consumers
+    stats = layer_statistics(module, ctx, [n for n, _ in consumers]) if data_driven else {}
+    cost = {s.index: _channel_cost(analysis, s) for s in usable}
+    scores = {s.index: _scores(analysis, s, stats, data_driven) for s in usable}
     removal = _allocate(usable, cost, scores, ratio * total, round_to)
-    if sum(len(r) * cost[id(g)] for g, r in removal.items()) < ratio * total * 0.98:
-        most = sum((g.producer.inputs[1].values.shape[0] - max(round_to, 1)) * cost[id(g)] for g in usable)
-        blocked = [g for g in groups if g.blocked]
+    removed = sum(len(d) * cost[i] for i, d in removal.items())
+    if removed < ratio * total * 0.98:
+        most = sum((s.channels - max(round_to, 1)) * cost[s.index] for s in usable)
+        blocked = [s for s in base if s.blocked]
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
         raise UnsupportedModelError(f"channel pruning can remove at most {most / max(total, 1):.0%} of the prunable "
-                                    f"weights here, not {ratio:.0%}: {len(blocked)} of {len(groups)} channel groups "
+                                    f"weights here, not {ratio:.0%}: {len(blocked)} of {len(base)} channel groups "
                                     f"are blocked{why}")
-    removed_weights = 0
-    for g, drop in removal.items():
-        if drop:
-            removed_weights += len(drop) * cost[id(g)]
-            _apply(graph, g, np.array(sorted(drop)), stats.get(g.consumer.name), ctx)
+    keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
+    _apply(graph, analysis, keep, stats, ctx)
     graph.cleanup(remove_unused_graph_inputs=False)
     interface = {id(t) for t in graph.inputs + graph.outputs}
     for t in graph.tensors().values():  # channel counts changed downstream: let shape inference redo them
         if isinstance(t, gs.Variable) and id(t) not in interface:
             t.shape = None
     module.infer_shapes()
-    return {"prunable_weights": total, "removed_weights": int(removed_weights),
-            "achieved_ratio": round(removed_weights / max(total, 1), 4),
-            "groups": len(groups), "blocked_groups": {g.producer.name: g.blocked for g in groups if g.blocked}}
+    return {"prunable_weights": total, "removed_weights": int(removed),
+            "achieved_ratio": round(removed / max(total, 1), 4), "groups": len(base),
+            "blocked_groups": {(s.producers[0].name if s.producers else s.tensors[0]): s.blocked for s in base if s.blocked}}
 
 
-def _allocate(groups, cost, scores, target: float, round_to: int) -> dict:
+def _channel_cost(analysis: ChannelAnalysis, space: Space) -> int:
+    """Weights removed with one channel of `space`: producer rows, follower slices, consumer columns."""
+    cost = sum(int(np.asarray(p.inputs[1].values).size // np.asarray(p.inputs[1].values).shape[0])
+               if p.op == "Conv" else int(weight_rows(p, np.asarray(p.inputs[1].values)).shape[1]) for p in space.producers)
+    cost += sum(int(np.asarray(f.inputs[1].values)[0].size) for f in space.followers if f.op == "Conv")
+    for node, tensor in analysis.consumers:
+        rows = int(weight_rows(node, np.asarray(node.inputs[1].values)).shape[0])
+        for p in analysis.view[tensor]:
+            if p.space == space.index:
+                cost += rows * p.block * columns_per_position(node)
+    return cost
+
+
+def _scores(analysis: ChannelAnalysis, space: Space, stats, data_driven: bool) -> np.ndarray:
+    """Per channel of `space`: the output energy it carries into its consumers (data-driven), or the L1
+    norm of its producers' filters (the magnitude baseline); normalized to mean 1 within the space."""
+    c = space.channels
+    if not data_driven:
+        s = sum(np.abs(np.asarray(p.inputs[1].values)).reshape(c, -1).sum(axis=1) if p.op == "Conv"
+                else np.abs(weight_rows(p, np.asarray(p.inputs[1].values))).sum(axis=1) for p in space.producers)
+        return s / max(float(np.mean(s)), 1e-12)
+    energy = np.zeros(c)
+    for node, tensor in analysis.consumers:
+        per = columns_per_position(node)
+        rows = weight_rows(node, np.asarray(node.inputs[1].values, dtype=np.float64))
+        st = stats.get(node.name)
+        power = np.diag(st.hessians[0]) / max(st.count, 1) if st is not None and st.groups == 1 else np.ones(rows.shape[1])
+        col_energy = (rows**2).sum(axis=0) * power
+        pos = 0
+        for p in analysis.view[tensor]:
+            if p.space == space.index:
+                span = col_energy[pos * per:(pos + p.length * p.block) * per].reshape(p.length, -1).sum(axis=1)
+                energy[p.start:p.start + p.length] += span
+            pos += p.length * p.block
+    s = np.sqrt(energy)
+    return s / max(float(np.mean(s)), 1e-12)
+
+
+def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int) -> dict[int, list[int]]:
     """Lowest normalized scores first, keeping at least `round_to` channels and counts multiple of it."""
     step = max(round_to, 1)
     goal = target
+    drop: dict[int, list[int]] = {}
     for _ in range(8):
-        order = sorted(((scores[id(g)][c], id(g), c) for g in groups for c in range(len(scores[id(g)]))))
-        by_id = {id(g): g for g in groups}
-        drop = {id(g): [] for g in groups}
+        order = sorted((scores[s.index][c], s.index, c) for s in spaces for c in range(s.channels))
+        drop = {s.index: [] for s in spaces}
         removed = 0.0
-        for _, gid, c in order:
+        for _, i, c in order:
             if removed >= goal:
                 break
-            n = len(scores[gid])
-            if n - len(drop[gid]) - 1 < step:
+            if len(scores[i]) - len(drop[i]) - 1 < step:
                 continue
-            drop[gid].append(c)
-            removed += cost[gid]
-        for gid, d in drop.items():  # keep counts a multiple of round_to: put back the best of the dropped
-            keep = len(scores[gid]) - len(d)
-            extra = (-keep) % step
+            drop[i].append(c)
+            removed += cost[i]
+        for i, d in drop.items():  # keep counts a multiple of round_to: put back the best of the dropped
+            extra = (-(len(scores[i]) - len(d))) % step
             if extra:
-                d.sort(key=lambda c: scores[gid][c])
+                d.sort(key=lambda c: scores[i][c])
                 del d[len(d) - extra:]
-        achieved = sum(len(d) * cost[gid] for gid, d in drop.items())
+        achieved = sum(len(d) * cost[i] for i, d in drop.items())
         if achieved >= target * 0.98:
             break
         goal += target - achieved
-    return {by_id[gid]: d for gid, d in drop.items()}
+    return drop
 
 
-def _apply(graph: gs.Graph, g: ChannelGroup, drop: np.ndarray, stats, ctx) -> None:
-    prod = g.producer
-    c = prod.inputs[1].values.shape[0]
-    keep = np.setdiff1d(np.arange(c), drop)
-    _slice_conv_outputs(graph, prod, keep)
-    for dw in g.depthwise:
-        _slice_conv_outputs(graph, dw, keep)
-        dw.attrs["group"] = len(keep)
-    cons = g.consumer
-    w = np.asarray(cons.inputs[1].values, dtype=np.float64)
-    rows = weight_rows(cons, w)
-    cols = (keep[:, None] * g.columns_per_channel + np.arange(g.columns_per_channel)[None, :]).reshape(-1)
-    new_rows, bias_delta = _refit(rows, cols, stats)
-    if cons.op == "Conv":
-        new_w = new_rows.reshape((w.shape[0], len(keep)) + w.shape[2:])
-    else:
-        shape = (new_rows.shape[1], new_rows.shape[0]) if not cons.attrs.get("transB", 0) else new_rows.shape
-        new_w = rows_to_weight(cons, new_rows, shape)
-    cons.inputs[1] = gs.Constant(fresh_name(graph, cons.inputs[1].name + "_pruned"), new_w.astype(np.float32))
-    if bias_delta is not None:
-        old = np.asarray(cons.inputs[2].values, np.float64) if len(cons.inputs) > 2 else np.zeros(rows.shape[0])
-        set_input(cons, 2, gs.Constant(fresh_name(graph, cons.name + "_bias_refit"), (old + bias_delta).astype(np.float32)))
-    if ctx is not None:
-        ctx.layer(prod.name, channels_before=int(c), channels_after=int(len(keep)))
-        ctx.layer(cons.name, refit="least-squares" if stats is not None else "none")
+def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], stats, ctx) -> None:
+    """Slice producers, followers and consumers to the kept channels; refit consumers; fix Split/Slice/Reshape."""
+    rows_kept = {id(p): (p, keep[s.index]) for s in analysis.base() if s.index in keep for p in s.producers}
+    cols_kept = {}
+    for node, tensor in analysis.consumers:
+        if any(p.space in keep for p in analysis.view[tensor]):
+            cols_kept[id(node)] = (node, consumer_columns(analysis, node, tensor, keep))
+    for key in set(rows_kept) | set(cols_kept):
+        node = (rows_kept.get(key) or cols_kept.get(key))[0]
+        w = np.asarray(node.inputs[1].values, dtype=np.float64)
+        rows = weight_rows(node, w)
+        has_bias = len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.size == rows.shape[0]
+        bias = np.asarray(node.inputs[2].values, np.float64).reshape(-1) if has_bias else np.zeros(rows.shape[0])
+        changed_bias = False
+        if key in cols_kept:
+            rows, delta = _refit(rows, cols_kept[key][1], stats.get(node.name))
+            if delta is not None:
+                bias, changed_bias = bias + delta, True
+            if ctx is not None:
+                ctx.layer(node.name, refit="least-squares" if delta is not None else "none")
+        if key in rows_kept:
+            kept = rows_kept[key][1]
+            if ctx is not None:
+                ctx.layer(node.name, channels_before=int(rows.shape[0]), channels_after=int(len(kept)))
+            rows, bias = rows[kept], bias[kept]
+        if node.op == "Conv":
+            new_w = rows.reshape((rows.shape[0], -1) + w.shape[2:])
+        else:
+            shape = rows.shape if node.attrs.get("transB", 0) else rows.shape[::-1]
+            new_w = rows_to_weight(node, rows, shape)
+        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_pruned"), new_w.astype(np.float32))
+        if has_bias or changed_bias:
+            set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_bias_pruned"), bias.astype(np.float32)))
+    for space in analysis.spaces:
+        for f in space.followers:
+            _slice_follower(graph, f, kept_positions(analysis.view[f.outputs[0].name], keep))
+    for node in analysis.rewrites:
+        _rewrite_offsets(graph, analysis, node, keep)
 
 
-def _slice_conv_outputs(graph, node, keep):
-    w = np.asarray(node.inputs[1].values)
-    node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_pruned"), w[keep])
-    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-        node.inputs[2] = gs.Constant(fresh_name(graph, node.inputs[2].name + "_pruned"), np.asarray(node.inputs[2].values)[keep])
-    for out in node.outputs:
-        out.shape = None
+def _slice_follower(graph, node: gs.Node, kept: np.ndarray) -> None:
+    """Slice a depthwise Conv, a BatchNorm-like op's parameters or a per-channel constant to `kept` channels."""
+    c = node.outputs[0].shape[1]
+    if len(kept) == c:
+        return
+    rank = len(node.outputs[0].shape)
+    for i, t in enumerate(node.inputs):
+        if not isinstance(t, gs.Constant):
+            continue
+        v = np.asarray(t.values)
+        if node.op == "Conv" or node.op in ("BatchNormalization", "InstanceNormalization", "PRelu") and v.ndim == 1:
+            if v.shape and v.shape[0] == c:
+                set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), v[kept]))
+        elif v.ndim >= rank - 1 and v.shape[v.ndim - rank + 1] == c:
+            set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), np.take(v, kept, axis=v.ndim - rank + 1)))
+    if node.op == "Conv":
+        node.attrs["group"] = int(len(kept))
+
+
+def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> None:
+    """Split sizes, Slice bounds and Reshape targets that count channels, recomputed for the kept channels."""
+    if node.op == "Split":
+        sizes = np.array([len(kept_positions(analysis.view[o.name], keep)) for o in node.outputs], dtype=np.int64)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_split"), sizes))
+        else:
+            node.attrs["split"] = [int(v) for v in sizes]
+    elif node.op == "Slice":
+        src = analysis.view[node.inputs[0].name]
+        c = sum(p.length for p in src)
+        kept = kept_positions(src, keep)
+        starts, ends = (np.array(const_value(t), dtype=np.int64) for t in node.inputs[1:3])
+        rank = len(node.inputs[0].shape)
+        axes = const_value(node.inputs[3]) if len(node.inputs) > 3 else np.arange(len(starts))
+        i = [int(a) % rank for a in axes].index(1)
+        start, end = (int(starts[i]) + c if starts[i] < 0 else int(starts[i])), (int(ends[i]) + c if ends[i] < 0 else int(ends[i]))
+        starts[i], ends[i] = np.count_nonzero(kept < min(start, c)), np.count_nonzero(kept < min(end, c))
+        set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_starts"), starts))
+        set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_ends"), ends))
+    elif node.op == "Reshape":
+        shape = np.array(const_value(node.inputs[1]), dtype=np.int64)
+        if shape[1] > 0:
+            shape[1] = len(kept_positions(analysis.view[node.outputs[0].name], keep))
+            set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_shape"), shape))
 
 
 def _refit(rows: np.ndarray, cols: np.ndarray, stats) -> tuple[np.ndarray, np.ndarray | None]:
-    """Least-squares weights on the kept columns (and a bias change) reproducing the full layer output."""
+    """Weights on the kept columns and a bias change reproducing the full layer output in least squares.
+
+    Minimizes Σ‖W x − W' x_kept − δ‖² + λ‖W' − W_kept‖² (a ridge towards the kept weights, so removing
+    columns whose inputs are always zero changes nothing)."""
     if stats is None or len(stats.hessians) != 1:
         return rows[:, cols], None
     h, s, n = stats.hessians[0], stats.sums[0], float(stats.count)
     k = len(cols)
+    lam = 1e-3 * max(float(np.mean(np.diag(h)[cols])), 1e-12) if k else 0.0
     a = np.zeros((k + 1, k + 1))
-    a[:k, :k] = h[np.ix_(cols, cols)]
+    a[:k, :k] = h[np.ix_(cols, cols)] + lam * np.eye(k)
     a[:k, k] = a[k, :k] = s[cols]
     a[k, k] = n
-    a += 1e-3 * np.mean(np.diag(a[:k, :k])) * np.eye(k + 1) if k else 0
-    rhs = np.vstack([h[cols] @ rows.T, (s @ rows.T)[None, :]])  # (k+1, outputs)
+    rhs = np.vstack([h[cols] @ rows.T + lam * rows[:, cols].T, (s @ rows.T)[None, :]])  # (k+1, outputs)
     try:
         sol = np.linalg.solve(a, rhs)
     except np.linalg.LinAlgError:

@@ -1,0 +1,335 @@
+"""Channel dependency analysis for structured pruning: which channels must be removed together.
+
+Tensors whose channel axis (axis 1) is indexed the same way are joined in a networkx graph: an op's input
+and output when the op keeps channels apart (activations, pooling, BatchNormalization, depthwise Conv,
+element-wise ops with a per-channel or scalar constant), and all channel-carrying operands of an
+element-wise op (residual Add/Sub, SE Mul gates). Each connected component is a channel *space*. A space
+made of the outputs of prunable layers (Conv with group=1, Gemm) is a *base* space: removing channel c
+means removing row c of every producer in it. Concat, Split, Slice on the channel axis and Flatten/Reshape
+into features make *derived* tensors whose channels are pieces of base spaces (a view). Any other reader
+of a channel tensor (an op the analysis does not understand, a graph output, a grouped Conv) blocks every
+base space in that tensor's view, and a space with any other origin is blocked: nothing is guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compiler.rewrite import const_value
+
+PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus",
+                "PRelu", "Erf", "Gelu", "Mish", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+                "GlobalMaxPool", "Identity", "Dropout", "BatchNormalization", "InstanceNormalization",
+                "Resize", "Upsample", "Pad", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Reciprocal"}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"}
+DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
+# inputs of these ops, past the first, that are per-channel constants to slice (or not channel-wise at all)
+CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "PRelu": (1,), "Clip": (),
+                  "Resize": (), "Upsample": (), "Pad": ()}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Channels [start, start + length) of base space `space`, each repeated `block` times in a row."""
+
+    space: int
+    start: int
+    length: int
+    block: int = 1
+
+
+@dataclass(eq=False)
+class Space:
+    """One channel space: tensors indexed alike, the layers producing its channels and ops sliced with it."""
+
+    index: int
+    channels: int
+    tensors: list[str] = field(default_factory=list)
+    producers: list[gs.Node] = field(default_factory=list)     # rows of these layers are the channels
+    followers: list[gs.Node] = field(default_factory=list)     # depthwise Conv, BN, per-channel constants
+    blocked: str = ""
+    view: list[Piece] | None = None                           # set for a derived space
+
+
+@dataclass
+class ChannelAnalysis:
+    spaces: list[Space]
+    view: dict[str, list[Piece]]                       # tensor name -> its channels as pieces of base spaces
+    consumers: list[tuple[gs.Node, str]]               # (layer, input tensor) whose input columns follow a view
+    rewrites: list[gs.Node]                            # Split / Slice / Reshape whose constants follow a view
+
+    def base(self) -> list[Space]:
+        return [s for s in self.spaces if s.view is None]
+
+
+def channels_of(t: gs.Tensor) -> int | None:
+    shape = t.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+        return None
+    return shape[1]
+
+
+def _is_depthwise(node: gs.Node) -> bool:
+    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    g = node.attrs.get("group", 1)
+    return w is not None and g > 1 and w.shape[0] == g and w.shape[1] == 1
+
+
+def _aligned_channel(const: np.ndarray, rank: int) -> int:
+    """The size of a broadcast constant along the channel axis of a rank-`rank` tensor."""
+    if const.ndim == 0 or const.ndim < rank - 1:
+        return 1
+    return const.shape[const.ndim - rank + 1] if const.ndim >= rank - 1 else 1
+
+
+def _axis(node: gs.Node, rank: int | None) -> int | None:
+    axis = node.attrs.get("axis", 0 if node.op in ("Concat", "Split") else 1)
+    if rank is None:
+        return axis if axis >= 0 else None
+    return axis % rank
+
+
+def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
+    """Channel spaces of `graph` for pruning the output channels of `prunable` layers."""
+    chosen = {id(n) for n in prunable}
+    links = nx.Graph()
+    origin: dict[str, str] = {}         # tensor -> why it starts channels ("" for a prunable producer)
+    producer_of: dict[str, gs.Node] = {}
+    derived: dict[str, gs.Node] = {}    # tensor -> the Concat/Split/Slice/Flatten/Reshape that defines it
+    followers: dict[str, list[gs.Node]] = {}
+    blocks: list[tuple[str, str]] = []  # (tensor, reason): every base space in its view is blocked
+    consumers: list[tuple[gs.Node, str]] = []
+    rewrites: list[gs.Node] = []
+    channel_tensors: dict[str, gs.Tensor] = {}
+
+    for t in graph.inputs:
+        if channels_of(t):
+            channel_tensors[t.name] = t
+            origin[t.name] = f"graph input '{t.name}'"
+            links.add_node(t.name)
+    for node in graph.nodes:
+        ins = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in channel_tensors]
+        outs = [t for t in node.outputs if channels_of(t)]
+        for t in outs:
+            channel_tensors[t.name] = t
+            links.add_node(t.name)
+        rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
+        op = node.op
+        weight = const_value(node.inputs[1]) if len(node.inputs) > 1 and op in ("Conv", "Gemm") else None
+
+        if op in ("Conv", "Gemm") and weight is not None and isinstance(node.inputs[1], gs.Constant) \
+                and node.attrs.get("group", 1) == 1 and not node.attrs.get("transA", 0):
+            if ins:
+                consumers.append((node, node.inputs[0].name))
+            for t in outs:
+                if id(node) in chosen:
+                    origin[t.name] = ""
+                    producer_of[t.name] = node
+                else:
+                    origin[t.name] = f"'{node.name}' ({op}) is not pruned (first layer or classifier)"
+            continue
+        if op == "Conv" and _is_depthwise(node) and ins and outs and channels_of(ins[0]) == channels_of(outs[0]):
+            links.add_edge(ins[0].name, outs[0].name)
+            followers.setdefault(outs[0].name, []).append(node)
+            continue
+        if op in PASS_THROUGH and ins and outs and node.inputs[0] is ins[0] and channels_of(ins[0]) == channels_of(outs[0]):
+            params = [node.inputs[i] for i in CHANNEL_PARAMS.get(op, ()) if i < len(node.inputs)]
+            if all(isinstance(p, gs.Constant) for p in params) and all(
+                    t is ins[0] or isinstance(t, gs.Constant) or t.name == "" for t in node.inputs):
+                links.add_edge(ins[0].name, outs[0].name)
+                if params:
+                    followers.setdefault(outs[0].name, []).append(node)
+                continue
+        if op in ELEMENTWISE and outs and rank is not None:
+            c = channels_of(outs[0])
+            ok, per_channel = True, False
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    ch = _aligned_channel(np.asarray(t.values), rank)
+                    per_channel |= ch == c and c > 1
+                    ok &= ch in (1, c)
+                elif t.name in channel_tensors and channels_of(t) == c:
+                    links.add_edge(t.name, outs[0].name)
+                elif t.name in channel_tensors and channels_of(t) == 1:
+                    continue  # broadcast over channels: not indexed by them
+                else:
+                    ok = False
+            if ok:
+                if per_channel:
+                    followers.setdefault(outs[0].name, []).append(node)
+                continue
+            for t in ins:
+                blocks.append((t.name, f"'{node.name}' ({op}) mixes its inputs' channels"))
+            for t in outs:
+                origin[t.name] = f"'{node.name}' ({op})"
+            continue
+        if op in DERIVING and ins and (op == "Concat" or node.inputs[0] is ins[0]) and _derives_channels(node):
+                for t in node.outputs:
+                    derived[t.name] = node
+                    channel_tensors.setdefault(t.name, t)
+                    links.add_node(t.name)
+                if op in ("Split", "Slice", "Reshape"):
+                    rewrites.append(node)
+                continue
+        for t in ins:
+            blocks.append((t.name, f"'{node.name}' ({op}) reads the channels of '{t.name}'"))
+        for t in outs:
+            origin[t.name] = f"'{node.name}' ({op})"
+    for t in graph.outputs:
+        if t.name in channel_tensors:
+            blocks.append((t.name, f"'{t.name}' is a graph output"))
+
+    spaces: list[Space] = []
+    space_of: dict[str, int] = {}
+    for comp in sorted(nx.connected_components(links), key=min):
+        names = sorted(comp)
+        c = channels_of(channel_tensors[names[0]]) if channels_of(channel_tensors[names[0]]) else 0
+        space = Space(len(spaces), c, names)
+        for n in names:
+            space_of[n] = space.index
+            space.followers.extend(followers.get(n, []))
+            if n in producer_of:
+                space.producers.append(producer_of[n])
+            elif n in origin and origin[n] and not space.blocked:
+                space.blocked = f"channels of '{n}' come from {origin[n]}"
+        defs = [n for n in names if n in derived]
+        if defs and (space.producers or len(defs) > 1):
+            space.blocked = space.blocked or f"'{derived[defs[0]].name}' ({derived[defs[0]].op}) output is mixed with other channels"
+        spaces.append(space)
+
+    view: dict[str, list[Piece]] = {}
+    for node in graph.nodes:  # topological: views of derived tensors from their inputs' views
+        for t in node.outputs:
+            if t.name in derived and t.name not in view:
+                v = _derived_view(node, t, view, space_of, spaces)
+                s = spaces[space_of[t.name]]
+                if v is None or s.blocked:
+                    reason = s.blocked or f"'{node.name}' ({node.op}) splits channels in a way the analysis does not follow"
+                    blocks.extend((i.name, reason) for i in node.inputs if i.name in space_of)
+                    v = [Piece(-1, 0, 0)]
+                s.view = v
+                for name in s.tensors:
+                    view[name] = v
+        for t in node.outputs:
+            if t.name in space_of and t.name not in view and spaces[space_of[t.name]].view is None:
+                s = spaces[space_of[t.name]]
+                view[t.name] = [Piece(s.index, 0, s.channels)]
+    for t in graph.inputs:
+        if t.name in space_of:
+            s = spaces[space_of[t.name]]
+            view[t.name] = [Piece(s.index, 0, s.channels)]
+    for name, reason in blocks:
+        for piece in view.get(name, []):
+            if piece.space >= 0 and not spaces[piece.space].blocked:
+                spaces[piece.space].blocked = reason
+        if name in space_of and not spaces[space_of[name]].blocked:
+            spaces[space_of[name]].blocked = reason
+    for s in spaces:
+        if s.view is None and not s.producers and not s.blocked:
+            s.blocked = "no prunable layer produces these channels"
+    usable = [(n, t) for n, t in consumers if t in view and all(p.space >= 0 for p in view[t])]
+    return ChannelAnalysis(spaces, view, usable, rewrites)
+
+
+def _derives_channels(node: gs.Node) -> bool:
+    """Whether a Concat/Split/Slice/Flatten/Reshape output is pieces of its inputs' channels the analysis follows."""
+    out = node.outputs[0]
+    x = node.inputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    if node.op == "Concat":
+        return rank is not None and _axis(node, rank) == 1
+    if node.op == "Split":
+        return rank is not None and _axis(node, rank) == 1
+    if node.op == "Slice":
+        vals = [const_value(t) for t in node.inputs[1:]]
+        if any(v is None for v in vals) or rank is None:
+            return False
+        axes = vals[2] if len(vals) > 2 else np.arange(len(vals[0]))
+        steps = vals[3] if len(vals) > 3 else np.ones(len(vals[0]), dtype=np.int64)
+        axes = [int(a) % rank for a in axes]
+        return 1 in axes and all(int(s) == 1 for s in steps)
+    if node.op in ("Flatten", "Reshape"):
+        if out.shape is None or x.shape is None or len(out.shape) != 2 or not all(isinstance(d, int) for d in x.shape[1:]):
+            return False
+        if node.op == "Flatten" and node.attrs.get("axis", 1) != 1:
+            return False
+        if node.op == "Reshape" and const_value(node.inputs[1]) is None:
+            return False
+        return out.shape[1] == int(np.prod(x.shape[1:]))
+    return False
+
+
+def _derived_view(node, t, view, space_of, spaces) -> list[Piece] | None:
+    src = view.get(node.inputs[0].name)
+    if node.op == "Concat":
+        pieces = []
+        for i in node.inputs:
+            if i.name not in view:
+                return None
+            pieces.extend(view[i.name])
+        return pieces
+    if src is None:
+        return None
+    if node.op in ("Flatten", "Reshape"):
+        block = int(np.prod(node.inputs[0].shape[2:])) if len(node.inputs[0].shape) > 2 else 1
+        return [Piece(p.space, p.start, p.length, p.block * block) for p in src]
+    if node.op == "Split":
+        sizes = _split_sizes(node)
+        if sizes is None:
+            return None
+        k = node.outputs.index(t)
+        start = int(sum(sizes[:k]))
+        return _sub_view(src, start, start + int(sizes[k]))
+    if node.op == "Slice":
+        vals = [const_value(x) for x in node.inputs[1:]]
+        rank = len(node.inputs[0].shape)
+        axes = [int(a) % rank for a in (vals[2] if len(vals) > 2 else range(len(vals[0])))]
+        i = axes.index(1)
+        c = sum(p.length for p in src)
+        start, end = int(vals[0][i]), int(vals[1][i])
+        start, end = (start + c if start < 0 else start), (end + c if end < 0 else end)
+        return _sub_view(src, max(0, min(start, c)), max(0, min(end, c)))
+    return None
+
+
+def _split_sizes(node) -> list[int] | None:
+    c = channels_of(node.inputs[0])
+    if c is None:
+        return None
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        v = const_value(node.inputs[1])
+        return None if v is None else [int(x) for x in v]
+    if "split" in node.attrs:
+        return [int(x) for x in node.attrs["split"]]
+    n = len(node.outputs)
+    return [c // n] * n if c % n == 0 else None
+
+
+def _sub_view(src: list[Piece], start: int, end: int) -> list[Piece] | None:
+    """Channels [start, end) of a view (blocks must be 1)."""
+    out, pos = [], 0
+    for p in src:
+        lo, hi = max(start, pos), min(end, pos + p.length)
+        if lo < hi:
+            if p.block != 1:
+                return None
+            out.append(Piece(p.space, p.start + lo - pos, hi - lo))
+        pos += p.length
+    return out
+
+
+def kept_positions(view: list[Piece], keep: dict[int, np.ndarray]) -> np.ndarray:
+    """Indices (in the tensor's own channel x block order) that survive when base space s keeps `keep[s]`."""
+    out, pos = [], 0
+    for p in view:
+        idx = np.arange(p.start, p.start + p.length)
+        kept = idx if p.space not in keep else idx[np.isin(idx, keep[p.space])]
+        for ch in kept:
+            base = pos + (ch - p.start) * p.block
+            out.extend(range(base, base + p.block))
+        pos += p.length * p.block
+    return np.asarray(out, dtype=np.int64)

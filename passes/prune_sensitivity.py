@@ -1,0 +1,67 @@
+"""Measured sensitivity of the model's outputs to pruning each layer, for allocating sparsity across layers.
+
+For every prunable layer and a few sparsities, the layer alone is pruned (with the same OBS refit the pass
+uses) and the model runs on a handful of calibration samples; the curve is the relative squared error of
+all model outputs against the float model. One onnxruntime session serves every measurement: the prunable
+weights become graph inputs, so a measurement only feeds a different weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from compiler.runtime import make_session
+
+SAMPLES = 32
+POINTS = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def weights_as_inputs(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of `proto` in which the initializers `names` are graph inputs instead."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    keep, moved = [], []
+    for init in model.graph.initializer:
+        (moved if init.name in names else keep).append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for init in moved:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return model
+
+
+def measured_curves(proto: onnx.ModelProto, layers: list[gs.Node], calib,
+                    prune: Callable[[gs.Node, float], dict[str, np.ndarray]], points=POINTS, samples: int = SAMPLES,
+                    progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(grid, {layer name: output error at each grid sparsity}) where grid = (0, *points) and
+    prune(node, ratio) gives the layer's new constant inputs (weight, bias) by tensor name."""
+    originals = {t.name: np.asarray(t.values) for n in layers for t in n.inputs[1:3] if isinstance(t, gs.Constant)}
+    names = set(originals)
+    sess = make_session(weights_as_inputs(proto, names), arena=False)
+    model_inputs = {i.name for i in sess.get_inputs()} - names
+    feeds, seen = [], 0
+    for batch in calib.batches(16):
+        feeds.append({k: v for k, v in batch.items() if k in model_inputs})
+        seen += len(next(iter(feeds[-1].values())))
+        if seen >= samples:
+            break
+    reference = [sess.run(None, {**f, **originals}) for f in feeds]
+    energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in reference for o in ref)
+    curves = {}
+    for node in layers:
+        errors = [0.0]
+        for ratio in points:
+            weights = {**originals, **prune(node, ratio)}
+            err = 0.0
+            for f, ref in zip(feeds, reference):
+                for out, r in zip(sess.run(None, {**f, **weights}), ref):
+                    err += float(np.sum(np.square(out.astype(np.float64) - r)))
+            errors.append(err / max(energy, 1e-30))
+        curves[node.name] = np.maximum.accumulate(np.array(errors))
+        if progress is not None:
+            progress(1)
+    return np.array((0.0, *points)), curves

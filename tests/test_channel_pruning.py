@@ -1,0 +1,239 @@
+"""Channel dependency analysis and structured pruning on built graphs, checked in onnxruntime.
+
+Each graph has "dead" channels (zero filters and bias in every layer producing them): removing exactly
+those must leave the model's outputs unchanged, which checks every offset the pruning rewrites (residual
+streams, Concat, Split, Slice, depthwise convs, SE gates, Flatten into Gemm). Live channels are pruned too
+at larger ratios; the result must stay a valid model with consistent shapes.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from compiler.api import compile_model
+from compiler.errors import DrpcError
+from graphs import init, model, outputs_close, rand
+
+N = 8  # calibration samples
+
+
+def conv(name, x, w_name, out, **attrs):
+    return helper.make_node("Conv", [x, w_name, w_name + "_b"], [out], name=name, **attrs)
+
+
+def weights(name, cout, cin, k=1, dead=(), inits=None):
+    """Conv weight and bias initializers whose output channels `dead` are zero."""
+    w, b = rand(cout, cin, k, k, scale=0.5), rand(cout, scale=0.1)
+    w[list(dead)] = 0.0
+    b[list(dead)] = 0.0
+    inits.extend([init(name, w), init(name + "_b", b)])
+
+
+def pruned(tmp_path, proto, ratio, mode="channel", **options):
+    src = tmp_path / "in.onnx"
+    onnx.save(proto, src)
+    x = proto.graph.input[0]
+    shape = [N] + [d.dim_value for d in x.type.tensor_type.shape.dim][1:]
+    np.savez(tmp_path / "calib.npz", **{x.name: np.random.default_rng(1).standard_normal(shape).astype(np.float32)})
+    opts = ",".join(f"{k}={v}" for k, v in {"ratio": ratio, "mode": mode, "first_layer": "true", "round_to": 1,
+                                             **options}.items())
+    out = tmp_path / "pkg"
+    compile_model(src, "rzv2h", out, calib=tmp_path / "calib.npz", pipeline=f"prune{{{opts}}}", verify=False, force=True)
+    result = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(result, full_check=True)  # shapes consistent under strict inference
+    return result
+
+
+def dead_ratio(proto) -> float:
+    """Just under the fraction of prunable weights that removing every dead channel frees."""
+    from compiler.ir import Module
+    from passes.channel_groups import analyze
+    from passes.prune_channel import _channel_cost
+    from passes.prune_common import prunable_layers
+
+    module = Module.from_proto(proto)
+    module.infer_shapes()
+    layers = prunable_layers(module.graph, first_layer=True, classifier=False)
+    analysis = analyze(module.graph, layers)
+    freed = 0
+    for space in analysis.base():
+        rows = [np.asarray(p.inputs[1].values).reshape(space.channels, -1) for p in space.producers]
+        dead = np.all([np.all(r == 0, axis=1) for r in rows], axis=0) if rows else []
+        freed += int(np.count_nonzero(dead)) * _channel_cost(analysis, space)
+    return 0.99 * freed / sum(int(np.asarray(n.inputs[1].values).size) for n in layers)
+
+
+def feed(proto, n=1):
+    x = proto.graph.input[0]
+    shape = [n] + [d.dim_value for d in x.type.tensor_type.shape.dim][1:]
+    return {x.name: np.random.default_rng(7).standard_normal(shape).astype(np.float32)}
+
+
+def out_channels(proto, conv_name):
+    node = next(n for n in proto.graph.node if n.name == conv_name)
+    inits = {t.name: t for t in proto.graph.initializer}
+    return inits[node.input[1]].dims[0]
+
+
+def residual_model(dead):
+    """conv0 → relu → [conv1 → relu → conv2] + → [conv3 → relu → conv4] + → GAP → Flatten → Gemm."""
+    inits = []
+    weights("w0", 8, 3, 3, dead, inits)
+    weights("w1", 6, 8, 3, (1,), inits)
+    weights("w2", 8, 6, 1, dead, inits)
+    weights("w3", 6, 8, 3, (), inits)
+    weights("w4", 8, 6, 1, dead, inits)
+    inits += [init("wf", rand(8, 5)), init("bf", rand(5))]
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv("conv2", "r1", "w2", "c2"), helper.make_node("Add", ["r0", "c2"], ["s1"]),
+             conv("conv3", "s1", "w3", "c3", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c3"], ["r3"]),
+             conv("conv4", "r3", "w4", "c4"), helper.make_node("Add", ["s1", "c4"], ["s2"]),
+             helper.make_node("GlobalAveragePool", ["s2"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="head")]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 5])], inits)
+
+
+def test_residual_stream_loses_its_dead_channels_in_every_producer(tmp_path):
+    proto = residual_model(dead=(2, 5))
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert [out_channels(out, n) for n in ("conv0", "conv2", "conv4")] == [6, 6, 6]
+    assert out_channels(out, "conv1") == 5  # its own dead channel
+    outputs_close(proto, out, feed(proto))
+
+
+def test_residual_stream_with_live_channels_stays_valid_and_close(tmp_path):
+    proto = residual_model(dead=())
+    out = pruned(tmp_path, proto, 0.3)
+    f = feed(proto)
+    from compiler.runtime import run_model
+
+    want, have = run_model(proto, f)[0], run_model(out, f)[0]
+    assert have.shape == want.shape
+    assert np.corrcoef(want.ravel(), have.ravel())[0, 1] > 0.5
+
+
+def test_concat_of_pruned_branches_and_batchnorm_after_it(tmp_path):
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("wa", 5, 4, 1, (1,), inits)
+    weights("wb", 6, 4, 3, (0, 2), inits)
+    c = 11
+    inits += [init("g", rand(c) + 2), init("be", np.zeros(c, np.float32)), init("m", np.zeros(c, np.float32)),
+              init("v", np.ones(c, np.float32))]
+    weights("wc", 4, c, 1, (), inits)
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("branch_a", "r0", "wa", "a"), conv("branch_b", "r0", "wb", "b", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+             helper.make_node("BatchNormalization", ["cat", "g", "be", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["r"]), conv("conv_c", "r", "wc", "y")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert (out_channels(out, "branch_a"), out_channels(out, "branch_b")) == (4, 4)
+    outputs_close(proto, out, feed(proto))
+
+
+def test_split_and_slice_follow_the_kept_channels(tmp_path):
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 8, 4, 1, (0, 5, 6), inits)
+    weights("wl", 3, 4, 3, (), inits)
+    weights("wr", 3, 4, 1, (), inits)
+    weights("ws", 2, 3, 1, (), inits)
+    inits += [init("split", np.array([4, 4], np.int64)), init("st", np.array([5], np.int64)),
+              init("en", np.array([8], np.int64)), init("ax", np.array([1], np.int64))]
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1"), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Split", ["r1", "split"], ["left", "right"], axis=1),
+             conv("conv_l", "left", "wl", "yl", pads=[1, 1, 1, 1]), conv("conv_r", "right", "wr", "yr"),
+             helper.make_node("Slice", ["r1", "st", "en", "ax"], ["sl"]), conv("conv_s", "sl", "ws", "ys")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [("yl", TensorProto.FLOAT, None), ("yr", TensorProto.FLOAT, None), ("ys", TensorProto.FLOAT, None)],
+                  inits)
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert out_channels(out, "conv1") == 5
+    outputs_close(proto, out, feed(proto))
+
+
+def test_depthwise_block_and_se_gate_are_pruned_with_their_producer(tmp_path):
+    """conv1 → relu → depthwise → relu → x·HardSigmoid(conv_e(relu(conv_r(GAP)))) → project conv."""
+    dead = (1, 4)
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 6, 4, 1, dead, inits)
+    weights("wd", 6, 1, 3, dead, inits)
+    weights("wr", 3, 6, 1, (), inits)
+    weights("we", 6, 3, 1, dead, inits)
+    weights("wp", 4, 6, 1, (), inits)
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("expand", "r0", "w1", "c1"), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv("depthwise", "r1", "wd", "d", group=6, pads=[1, 1, 1, 1]), helper.make_node("Relu", ["d"], ["rd"]),
+             helper.make_node("GlobalAveragePool", ["rd"], ["gap"]), conv("se_reduce", "gap", "wr", "sr"),
+             helper.make_node("Relu", ["sr"], ["srr"]), conv("se_expand", "srr", "we", "se"),
+             helper.make_node("HardSigmoid", ["se"], ["gate"]), helper.make_node("Mul", ["rd", "gate"], ["m"]),
+             conv("project", "m", "wp", "y")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert [out_channels(out, n) for n in ("expand", "depthwise", "se_expand")] == [4, 4, 4]
+    outputs_close(proto, out, feed(proto))
+
+
+def test_flatten_into_gemm_removes_each_channels_block_of_features(tmp_path):
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 5, 4, 3, (3,), inits)
+    inits += [init("wf", rand(5 * 4 * 4, 7)), init("bf", rand(7))]
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1", pads=[1, 1, 1, 1], strides=[2, 2]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Flatten", ["r1"], ["f"]), helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="head")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 7])], inits)
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert out_channels(out, "conv1") == 4
+    head = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert {t.name: t for t in out.graph.initializer}[head.input[1]].dims[0] == 4 * 16
+    outputs_close(proto, out, feed(proto))
+
+
+def unknown_op_model():
+    """conv1's channels reach an op the analysis does not know (LpNormalization over channels)."""
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 6, 4, 1, (), inits)
+    weights("w2", 6, 6, 1, (), inits)
+    weights("w3", 4, 6, 1, (), inits)
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1"), helper.make_node("LpNormalization", ["c1"], ["l"], name="norm", axis=1),
+             conv("conv2", "l", "w2", "c2"), helper.make_node("Relu", ["c2"], ["r2"]), conv("conv3", "r2", "w3", "y")]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+
+
+def test_unknown_op_blocks_its_group_but_not_the_others(tmp_path):
+    proto = unknown_op_model()
+    out = pruned(tmp_path, proto, 0.1)
+    assert out_channels(out, "conv1") == 6
+    assert out_channels(out, "conv2") < 6
+
+
+def test_unknown_op_named_when_the_ratio_cannot_be_met(tmp_path):
+    with pytest.raises(DrpcError, match="'norm' \\(LpNormalization\\)"):
+        pruned(tmp_path, unknown_op_model(), 0.9)
+
+
+def test_sample_resnet_prunes_across_residual_adds(tmp_path):
+    """The shipped ResNet-style model: channel pruning at 0.5 now crosses its residual Adds."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "pkg"
+    result = compile_model(root / "models" / "mnist_resnet.onnx", "rzv2h", out, calib=root / "models" / "mnist_calib.npz",
+                           prune=0.5, prune_mode="channel")
+    deploy = __import__("json").loads((out / "deploy.json").read_text())
+    assert deploy["layers"]
+    with np.load(root / "models" / "mnist_test.npz") as t:
+        x, y = t["input"][:500], t["labels"][:500]
+    from compiler.runtime import run_model
+
+    acc = float(np.mean(run_model(onnx.load(str(out / "model.onnx")), {"input": x})[0].argmax(1) == y))
+    assert acc > 0.8, acc
+    assert result is not None
