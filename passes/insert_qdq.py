@@ -15,9 +15,6 @@ from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE
 GATE_ACTIVATIONS = {"HardSigmoid", "Sigmoid", "Tanh"}  # float gates after a conv read its int8 output
 GPTQ_SAMPLES = 128  # calibration samples whose layer inputs shape the second-order weight rounding
 ELEMENTWISE = {"Add", "Mul", "Sigmoid", "HardSwish", "LeakyRelu"}
-# int8 in the graph but computed in float between DequantizeLinear and QuantizeLinear by onnxruntime: a
-# data-movement op after one of these stays float too (onnxruntime's uint8 pooling is slower than float)
-FLOAT_KERNEL = {"HardSwish"}
 ALWAYS_FLOAT = {"LSTM", "GRU", "RNN", "If", "Loop", "Scan", "NonMaxSuppression", "TopK"}
 
 
@@ -129,7 +126,7 @@ class InsertQDQ(Pass):
                 continue
             if node.op in SHARED_SCALE_OPS:
                 src = _int8_source(node.inputs[0]) if node.inputs else None
-                if src is not None and src.name in int8 and not (node.op == "MaxPool" and src.op in FLOAT_KERNEL):
+                if src is not None and src.name in int8:
                     int8.add(node.name)
             elif node.op not in ELEMENTWISE or _elementwise_in_int8(node, int8):
                 int8.add(node.name)
@@ -188,8 +185,6 @@ def _elementwise_in_int8(node: gs.Node, quantized: set[str]) -> bool:
         if isinstance(t, gs.Constant) or const_value(t) is not None:
             return False
         src = t.inputs[0] if t.inputs else None
-        if src is not None and src.op in GATE_ACTIVATIONS and src.inputs and src.inputs[0].inputs:
-            src = src.inputs[0].inputs[0]  # a float gate on an int8 conv (SE block): its output is quantized
         while src is not None and src.op in ABSORBED_ACTIVATIONS | SHARED_SCALE_OPS and src.inputs and src.inputs[0].inputs:
             if src.name not in quantized and src.op not in ABSORBED_ACTIVATIONS:
                 return False
