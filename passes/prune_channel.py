@@ -10,6 +10,8 @@ the calibration statistics of its input.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -52,9 +54,11 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         most = sum((s.channels - max(round_to, 1)) * cost[s.index] for s in usable)
         blocked = [s for s in base if s.blocked]
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
+        small = sum(1 for s in base if not s.blocked and s.channels <= max(round_to, 1))
+        aligned = f", {small} already have no more than the target's {round_to}-channel alignment" if small else ""
         raise UnsupportedModelError(f"channel pruning can remove at most {most / max(total, 1):.0%} of the prunable "
                                     f"weights here, not {ratio:.0%}: {len(blocked)} of {len(base)} channel groups "
-                                    f"are blocked{why}")
+                                    f"are blocked{aligned}{why}")
     keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
     _apply(graph, analysis, keep, stats, ctx)
     graph.cleanup(remove_unused_graph_inputs=False)
@@ -107,30 +111,26 @@ def _scores(analysis: ChannelAnalysis, space: Space, stats, data_driven: bool) -
 
 
 def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int) -> dict[int, list[int]]:
-    """Lowest normalized scores first, keeping at least `round_to` channels and counts multiple of it."""
+    """Channels to drop per space: whole units of `round_to` channels (a first, smaller unit brings the count
+    to a multiple of it), lowest mean normalized score first across all spaces, at least `round_to` kept,
+    until `target` weights are removed."""
     step = max(round_to, 1)
-    goal = target
-    drop: dict[int, list[int]] = {}
-    for _ in range(8):
-        order = sorted((scores[s.index][c], s.index, c) for s in spaces for c in range(s.channels))
-        drop = {s.index: [] for s in spaces}
-        removed = 0.0
-        for _, i, c in order:
-            if removed >= goal:
-                break
-            if len(scores[i]) - len(drop[i]) - 1 < step:
-                continue
-            drop[i].append(c)
-            removed += cost[i]
-        for i, d in drop.items():  # keep counts a multiple of round_to: put back the best of the dropped
-            extra = (-(len(scores[i]) - len(d))) % step
-            if extra:
-                d.sort(key=lambda c: scores[i][c])
-                del d[len(d) - extra:]
-        achieved = sum(len(d) * cost[i] for i, d in drop.items())
-        if achieved >= target * 0.98:
-            break
-        goal += target - achieved
+    units: dict[int, list[np.ndarray]] = {}
+    for s in spaces:
+        order = np.argsort(scores[s.index], kind="stable")
+        removable = order[:s.channels - step]
+        first = len(removable) % step or step
+        units[s.index] = [removable[:first]] + [removable[k:k + step] for k in range(first, len(removable), step)]
+    heap = [(float(np.mean(scores[i][u[0]])), i, 0) for i, u in units.items() if u and len(u[0])]
+    heapq.heapify(heap)
+    drop: dict[int, list[int]] = {i: [] for i in units}
+    removed = 0.0
+    while heap and removed < target:
+        _, i, k = heapq.heappop(heap)
+        drop[i].extend(int(c) for c in units[i][k])
+        removed += len(units[i][k]) * cost[i]
+        if k + 1 < len(units[i]):
+            heapq.heappush(heap, (float(np.mean(scores[i][units[i][k + 1]])), i, k + 1))
     return drop
 
 

@@ -219,3 +219,36 @@ def test_fuse_conv_add_refuses_spatial_broadcast():
     original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 6, 6])], [("y", TensorProto.FLOAT, [1, 4, 6, 6])],
                      [init("w", rand(4, 3, 1, 1)), init("b", rand(6))])
     assert not run_pass(original, "fuse-conv-add")[0]
+
+
+def test_equalize_layers_keeps_outputs_and_evens_out_channel_ranges():
+    """pointwise → Relu → depthwise → MaxPool → pointwise with one channel 50x larger: after equalization
+    the outputs are unchanged and each pair's per-channel ranges match."""
+    w1, w2, w3 = rand(6, 3, 1, 1), rand(6, 1, 3, 3), rand(4, 6, 1, 1)
+    w1[2] *= 50
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="pw1"), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="dw", group=6, pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c2"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w3"], ["y"], name="pw2")]
+    inits = [init("w1", w1), init("b1", rand(6)), init("w2", w2), init("b2", rand(6)), init("w3", w3)]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits)
+    changed, eq = run_pass(original, "equalize-layers", iterations=20)
+    assert changed
+    outputs_close(original, eq, {"x": rand(1, 3, 8, 8)}, rtol=1e-5)
+    weights = {n.name: onnx.numpy_helper.to_array(next(t for t in eq.graph.initializer if t.name == n.input[1]))
+               for n in eq.graph.node if n.op_type == "Conv"}
+    r_pw1 = np.abs(weights["pw1"]).reshape(6, -1).max(1)
+    r_dw = np.abs(weights["dw"]).reshape(6, -1).max(1)
+    r_pw2 = np.abs(weights["pw2"]).max(axis=(0, 2, 3))
+    np.testing.assert_allclose(r_pw1, r_dw, rtol=0.05)
+    np.testing.assert_allclose(r_dw, r_pw2, rtol=0.05)
+    assert r_pw1.max() / r_pw1.min() < np.abs(w1).reshape(6, -1).max(1).max() / np.abs(w1).reshape(6, -1).max(1).min()
+
+
+def test_equalize_layers_leaves_clipped_activations_alone():
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="a"), helper.make_node("Clip", ["c1", "lo", "hi"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="b")]
+    inits = [init("w1", rand(4, 3, 1, 1)), init("w2", rand(2, 4, 1, 1)), init("lo", np.float32(0)), init("hi", np.float32(6))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 4, 4])], [("y", TensorProto.FLOAT, None)], inits)
+    changed, _ = run_pass(original, "equalize-layers")
+    assert not changed
