@@ -112,6 +112,8 @@ class Calibrate(Pass):
             w_dq = w.inputs[0] if w.inputs and w.inputs[0].op == "DequantizeLinear" else None
             if bias is None or x_dq is None or w_dq is None or bias.dtype.kind != "f":
                 continue
+            if node.op == "Gemm" and bias.ndim == 2 and bias.shape[0] == 1:
+                bias = bias.reshape(-1)  # C of shape [1, N] broadcasts over the rows exactly as [N]
             if node.op == "Gemm" and (node.attrs.get("beta", 1.0) != 1.0 or bias.ndim != 1):
                 continue
             s_x = float(np.asarray(x_dq.inputs[1].values).reshape(-1)[0])

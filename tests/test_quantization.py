@@ -103,3 +103,27 @@ def test_fallback_float_meets_a_budget(tmp_path):
     fb = next(p for p in report["passes"] if p["name"] == "fallback-float")
     assert fb["drop_before"] > 10.0
     assert fb["drop_after"] <= 5.0 and "fc1" in fb["kept_float"]
+
+
+def test_gemm_bias_of_shape_1xn_becomes_int32_so_onnxruntime_runs_qgemm(tmp_path):
+    """Old exporters (CNTK, opset 8) give Gemm a [1, N] bias: it must still become int32, or onnxruntime
+    keeps a float Gemm that dequantizes its weight on every run."""
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2")]
+    inits = [init("w", rand(16, 8)), init("b", rand(1, 8)), init("w2", rand(8, 4)), init("b2", rand(1, 4))]
+    src = tmp_path / "gemm.onnx"
+    onnx.save(model(nodes, [("x", TensorProto.FLOAT, [2, 16])], [("y", TensorProto.FLOAT, None)], inits), src)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32))
+    compile_model(src, "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz")
+    m = onnx.load(str(tmp_path / "pkg" / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    for gemm in (n for n in m.graph.node if n.op_type == "Gemm"):
+        b_dq = prod[gemm.input[2]]
+        assert b_dq.op_type == "DequantizeLinear" and inits[b_dq.input[0]].dtype == np.int32
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node].count("QGemm") == 2
