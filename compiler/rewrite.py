@@ -90,3 +90,16 @@ def fresh_name(graph: gs.Graph, base: str) -> str:
         name = f"{base}_{next(_counter)}"
         if name not in used:
             return name
+
+
+def add_to_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    """Add `shift` (one value per output) to the layer's constant bias, creating it for a Conv/Gemm without one."""
+    if not (node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0)):
+        return  # MatMul has no bias input
+    index = 2
+    if len(node.inputs) > index and not isinstance(node.inputs[index], gs.Constant):
+        return
+    bias = np.asarray(node.inputs[index].values, np.float64) if len(node.inputs) > index else np.zeros_like(shift)
+    if bias.size == shift.size:  # a Gemm bias may be [1, N]
+        new = (bias + shift.reshape(bias.shape)).astype(np.float32)
+        set_input(node, index, gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), new))

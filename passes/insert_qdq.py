@@ -7,8 +7,8 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
-from compiler.rewrite import const_value, fresh_name, is_graph_output
-from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
+from compiler.rewrite import add_to_bias, const_value, fresh_name, is_graph_output
+from passes.prune_common import bias_shift, layer_statistics, rows_to_weight, weight_rows
 from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, gptq_round,
                                  is_weight_input, quantize_weight, weight_axis)
 
@@ -33,7 +33,9 @@ class InsertQDQ(Pass):
 
     name = "insert-qdq"
     OPTIONS = {"rounding": Option(str, "gptq", "weight rounding: nearest, or gptq (second-order, needs calibration data)",
-                                  choices=("nearest", "gptq"))}
+                                  choices=("nearest", "gptq")),
+               "bias_correction": Option(bool, True, "move the mean output shift of weight rounding, (W - Wq) E[x], "
+                                         "into the bias (needs calibration data)")}
 
     def run(self, module, ctx) -> bool:
         if module.opset < 13:
@@ -46,10 +48,10 @@ class InsertQDQ(Pass):
         float_reason = self._float_nodes(module, ctx)
         quantized = [n for n in graph.nodes if n.name not in float_reason and n.op in COMPUTE_OPS | SHARED_SCALE_OPS]
         stats = {}
-        if self.rounding == "gptq" and ctx is not None and ctx.calib is not None:
+        if (self.rounding == "gptq" or self.bias_correction) and ctx is not None and ctx.calib is not None:
             layers = [n for n in quantized if any(is_weight_input(n, i) for i in range(len(n.inputs)))]
             stats = layer_statistics(module, ctx, layers, max_samples=GPTQ_SAMPLES)
-        weights = self._quantize_weights(graph, quantized, stats)
+        weights = self._quantize_weights(graph, quantized, stats, self.rounding, self.bias_correction)
         tensors = self._activation_tensors(graph, quantized)
         for tensor, readers in tensors:
             add_qdq(graph, tensor, readers=readers)
@@ -92,7 +94,8 @@ class InsertQDQ(Pass):
         return reasons
 
     @staticmethod
-    def _quantize_weights(graph: gs.Graph, quantized: list[gs.Node], stats: dict) -> int:
+    def _quantize_weights(graph: gs.Graph, quantized: list[gs.Node], stats: dict, rounding: str,
+                          bias_correction: bool) -> int:
         count = 0
         for node in quantized:
             for index in range(len(node.inputs)):
@@ -104,9 +107,13 @@ class InsertQDQ(Pass):
                     continue  # per-channel axis 1 does not cover grouped transposed convs: keep float
                 axis = weight_axis(node, values)
                 q, scale = quantize_weight(values, axis)
-                st = stats.get(node.name)
-                if st is not None and index == 1:
+                st = stats.get(node.name) if index == 1 else None
+                if st is not None and rounding == "gptq":
                     q = _gptq_weight(node, values, scale, st)
+                if st is not None and bias_correction:
+                    shape = [1] * values.ndim
+                    shape[axis] = -1
+                    add_to_bias(graph, node, bias_shift(node, values, q * scale.reshape(shape), st))
                 q_const = gs.Constant(fresh_name(graph, weight.name + "_int8"), q)
                 s_const = gs.Constant(fresh_name(graph, weight.name + "_wscale"), scale)
                 z_const = gs.Constant(fresh_name(graph, weight.name + "_wzero"), np.zeros(scale.shape, np.int8))

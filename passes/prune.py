@@ -7,9 +7,9 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
-from compiler.rewrite import fresh_name, set_input
+from compiler.rewrite import add_to_bias
 from passes.prune_channel import prune_channels
-from passes.prune_common import layer_statistics, prunable_layers, weight_rows
+from passes.prune_common import bias_shift, layer_statistics, prunable_layers, weight_rows
 from passes.prune_sensitivity import measured_curves
 from passes.prune_sparse import error_curve, sparse_prune_layer
 
@@ -82,7 +82,7 @@ class Prune(Pass):
             new_w, info = sparse_prune_layer(node, weight, ratios[node.name], stats.get(node.name), n_m)
             node.inputs[1] = gs.Constant(node.inputs[1].name + "_pruned", new_w.astype(weight.dtype))
             if stats.get(node.name) is not None:
-                _add_to_bias(module.graph, node, bias_shift(node, weight, new_w, stats[node.name]))
+                add_to_bias(module.graph, node, bias_shift(node, weight, new_w, stats[node.name]))
             zeros += int(np.count_nonzero(new_w == 0))
             if ctx is not None:
                 ctx.layer(node.name, sparsity=float(np.mean(new_w == 0)), params_before=int(weight.size),
@@ -107,26 +107,6 @@ class Prune(Pass):
             return allocate_sparsity(grid, curves, sizes, self.ratio)
         grid = np.round(np.arange(0.0, min(0.95, self.ratio + SPREAD) + 1e-9, 0.025), 6)
         return allocate_sparsity(grid, estimated_curves(layers, stats, grid), sizes, self.ratio)
-
-
-def bias_shift(node, old_w: np.ndarray, new_w: np.ndarray, st) -> np.ndarray:
-    """The mean output change of pruning, (W - W') E[x], per output."""
-    mean_x = st.sums / max(st.count, 1)                       # [groups, d]
-    delta = weight_rows(node, old_w.astype(np.float64) - new_w.astype(np.float64))
-    per_group = delta.shape[0] // st.groups
-    return np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
-
-
-def _add_to_bias(graph, node, shift: np.ndarray) -> None:
-    """Add `shift` (one value per output) to the layer's constant bias, creating it for a Conv/Gemm without one."""
-    if not (node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0)):
-        return  # MatMul has no bias input
-    index = 2
-    if len(node.inputs) > index and not isinstance(node.inputs[index], gs.Constant):
-        return
-    bias = np.asarray(node.inputs[index].values, np.float64) if len(node.inputs) > index else np.zeros_like(shift)
-    if bias.shape == shift.shape:
-        set_input(node, index, gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), (bias + shift).astype(np.float32)))
 
 
 def estimated_curves(layers, stats, grid: np.ndarray) -> dict[str, np.ndarray]:

@@ -84,6 +84,14 @@ class LayerStats:
         self.count += rows.shape[0]
 
 
+def bias_shift(node: gs.Node, old_w: np.ndarray, new_w: np.ndarray, st: LayerStats) -> np.ndarray:
+    """The mean output change of replacing W by W' (pruned or quantized), (W - W') E[x], per output."""
+    mean_x = st.sums / max(st.count, 1)                       # [groups, d]
+    delta = weight_rows(node, old_w.astype(np.float64) - new_w.astype(np.float64))
+    per_group = delta.shape[0] // st.groups
+    return np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
+
+
 def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
     """Rows of the layer's input matching `weight_rows` columns, shaped [n, groups, d]; None when unsupported."""
     if node.op in ("Gemm", "MatMul"):
