@@ -28,7 +28,8 @@ def parse_pipeline(text: str) -> PassManager:
 
 def default_pipeline_text(target, prune_ratio: float = 0.0, prune_mode: str | None = None,
                           calib_method: str | None = None, max_drop: float | None = None) -> str:
-    """The target's default pipeline, with a prune pass before quantization when `prune_ratio` > 0 and a
+    """The target's default pipeline, with a prune pass before quantization (and before channel padding, whose
+    zero channels must not count as pruned) when `prune_ratio` > 0 and a
     fallback-float pass after calibration when an accuracy budget `max_drop` is given."""
     pm = parse_pipeline(target.default_pipeline)
     items = [str(p) for p in pm.passes]
@@ -37,7 +38,7 @@ def default_pipeline_text(target, prune_ratio: float = 0.0, prune_mode: str | No
     if prune_ratio > 0:
         mode = prune_mode or target.default_prune_mode
         prune = f"prune{{ratio={prune_ratio!r},mode={mode}}}"
-        lossy = [k for k, i in enumerate(items) if i.split("{")[0] in ("insert-qdq", "convert-fp16")]
+        lossy = [k for k, i in enumerate(items) if i.split("{")[0] in ("align-channels", "insert-qdq", "convert-fp16")]
         items.insert(lossy[0] if lossy else len(items), prune)
     if max_drop is not None:
         calib = [k for k, i in enumerate(items) if i.split("{")[0] == "calibrate"]

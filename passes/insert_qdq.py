@@ -28,7 +28,10 @@ class InsertQDQ(Pass):
     `calibrate`); a Relu/Clip right after a quantized op is absorbed into the range of its output (the pair
     goes after it); data-movement ops are quantized only when their input is; ops in the target's
     float_ops, LSTM/GRU/If/Loop, custom-domain ops, nodes matched by --exclude and ops the target runs on the
-    CPU stay float; graph outputs keep their names and stay float. Needs opset >= 13.
+    CPU stay float; graph outputs keep their names and stay float; float readers of a tensor keep reading it
+    unrounded, except readers of an int8 conv's own output, which read it dequantized so that onnxruntime
+    fuses the conv into QLinearConv. With calibration data, the mean output shift of weight rounding goes
+    into the bias. Needs opset >= 13.
     """
 
     name = "insert-qdq"
@@ -144,7 +147,8 @@ class InsertQDQ(Pass):
             if (isinstance(t, gs.Variable) and t.name and t.dtype is not None and np.dtype(t.dtype) == np.float32
                     and not is_graph_output(graph, t) and not (t.inputs and t.inputs[0].op == "DequantizeLinear")):
                 chosen[id(t)] = t
-        # int8 readers read the dequantized tensor; float readers keep the float one (no rounding for them)
+        # int8 readers read the dequantized tensor; float readers keep the float one (no rounding for them),
+        # except readers of an int8 conv's output (see all_read_int8 below)
 
         for node in graph.nodes:
             if node.name not in int8:
@@ -163,7 +167,13 @@ class InsertQDQ(Pass):
                     want(stored)  # ... or when a conv feeds only a float gate (SE blocks): the conv runs in int8
                     gates.update(r.name for r in stored.outputs)
         readers = int8 | gates
-        return [(t, {r.name for r in t.outputs if r.name in readers}) for t in chosen.values()]
+
+        def all_read_int8(t: gs.Tensor) -> bool:
+            # a float reader of the conv's own output would keep onnxruntime from fusing it into QLinearConv
+            src = _int8_source(t)
+            return src is not None and src.name in int8 and src.op in ("Conv", "ConvTranspose")
+
+        return [(t, {r.name for r in t.outputs if r.name in readers or all_read_int8(t)}) for t in chosen.values()]
 
 
 def _int8_source(tensor: gs.Tensor):

@@ -252,3 +252,30 @@ def test_equalize_layers_leaves_clipped_activations_alone():
     original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 4, 4])], [("y", TensorProto.FLOAT, None)], inits)
     changed, _ = run_pass(original, "equalize-layers")
     assert not changed
+
+
+def test_align_channels_pads_depthwise_blocks_with_zero_channels():
+    """expand (10 ch) → HardSwish → depthwise 5x5 → ·per-channel constant → SE gate → project: after padding
+    to 16 channels the outputs are unchanged; a space without a depthwise conv is left alone."""
+    c = 10
+    nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"], name="expand"), helper.make_node("HardSwish", ["e"], ["h"]),
+             helper.make_node("Conv", ["h", "wd", "bd"], ["d"], name="dw", group=c, pads=[2, 2, 2, 2]),
+             helper.make_node("Mul", ["d", "k"], ["dk"]),
+             helper.make_node("GlobalAveragePool", ["dk"], ["g"]), helper.make_node("Conv", ["g", "wr", "br"], ["r"], name="se_r"),
+             helper.make_node("Relu", ["r"], ["rr"]), helper.make_node("Conv", ["rr", "wx", "bx"], ["s"], name="se_x"),
+             helper.make_node("HardSigmoid", ["s"], ["gate"]), helper.make_node("Mul", ["dk", "gate"], ["m"]),
+             helper.make_node("Conv", ["m", "wp", "bp"], ["y"], name="project")]
+    inits = [init("we", rand(c, 3, 1, 1)), init("be", rand(c)), init("wd", rand(c, 1, 5, 5)), init("bd", rand(c)),
+             init("k", rand(c, 1, 1)), init("wr", rand(4, c, 1, 1)), init("br", rand(4)), init("wx", rand(c, 4, 1, 1)),
+             init("bx", rand(c)), init("wp", rand(6, c, 1, 1)), init("bp", rand(6))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits, opset=14)
+    changed, aligned = run_pass(original, "align-channels")
+    assert changed
+    outputs_close(original, aligned, {"x": rand(1, 3, 8, 8)}, rtol=1e-5)
+    shapes = {n.name: [d for d in next(t for t in aligned.graph.initializer if t.name == n.input[1]).dims]
+              for n in aligned.graph.node if n.op_type == "Conv"}
+    assert shapes["expand"][0] == shapes["dw"][0] == shapes["se_x"][0] == 16
+    assert shapes["se_r"][1] == shapes["project"][1] == 16
+    assert shapes["se_r"][0] == 4 and shapes["project"][0] == 6  # no depthwise conv reads them
+    dw = next(n for n in aligned.graph.node if n.name == "dw")
+    assert next(a.i for a in dw.attribute if a.name == "group") == 16

@@ -154,3 +154,26 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path):
         shift[flag] = float(np.abs((have - want)[:, :, 1:-1, 1:-1].mean(axis=(0, 2, 3))).max())
     assert shift["false"] > 0.1, shift
     assert shift["true"] < 0.25 * shift["false"], shift
+
+
+def test_conv_read_by_a_float_op_still_fuses_into_qlinearconv(tmp_path):
+    """SE block: the conv's output feeds an int8 GlobalAveragePool and a float gate Mul; the Mul must read the
+    dequantized tensor too, or onnxruntime keeps the conv in float."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Conv", ["g", "wr", "br"], ["s"], name="se"), helper.make_node("HardSigmoid", ["s"], ["gate"]),
+             helper.make_node("Mul", ["r", "gate"], ["m"]), helper.make_node("Conv", ["m", "w2", "b2"], ["y"], name="conv2")]
+    inits = [init("w1", rand(8, 3, 3, 3)), init("b1", rand(8)), init("wr", rand(8, 8, 1, 1)), init("br", rand(8)),
+             init("w2", rand(4, 8, 1, 1)), init("b2", rand(4))]
+    src = tmp_path / "se.onnx"
+    onnx.save(model(nodes, [("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits), src)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    compile_model(src, "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    # conv1 and se run as QLinearConv; conv2 writes the float graph output, so it has no Q to fuse with
+    assert ops.count("QLinearConv") == 2 and "FusedConv" not in ops, " ".join(ops)

@@ -1,0 +1,111 @@
+"""align-channels: pad channel counts with zero channels up to a multiple the kernels want.
+
+onnxruntime's fast int8 depthwise convolution (and DRP-AI's memory layout) wants channel counts that are a
+multiple of 16; a depthwise block of 200 channels runs on a generic path about twice as slow as one of 208.
+This pass widens such channel spaces (found by the dependency analysis of channel_groups): the producing
+layers get zero filters and zero bias, depthwise convs and per-channel parameters get neutral entries, and
+every layer reading the space gets zero weight columns for the new channels, so outputs do not change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compiler.passmanager import Option, Pass, register_pass
+from compiler.rewrite import const_value, fresh_name, set_input
+from passes.channel_groups import Space, analyze
+from passes.prune_common import rows_to_weight, weight_rows
+
+NEUTRAL = {"Div": 1.0, "BatchNormalization": (0.0, 0.0, 0.0, 1.0), "InstanceNormalization": (0.0, 0.0)}
+
+
+@register_pass
+class AlignChannels(Pass):
+    """Pad channel spaces to a multiple of `multiple` with zero channels (those of depthwise blocks only,
+    unless depthwise_only=false). Guarantees: outputs unchanged up to float rounding; spaces the dependency
+    analysis blocks, and spaces that reach a Concat/Split/Slice/Flatten, are left alone."""
+
+    name = "align-channels"
+    lossless = True
+    OPTIONS = {"multiple": Option(int, 16, "channel counts become a multiple of this", minimum=1),
+               "depthwise_only": Option(bool, True, "pad only spaces that feed a depthwise Conv")}
+
+    def run(self, module, ctx) -> bool:
+        module.infer_shapes()
+        graph = module.graph
+        layers = [n for n in graph.nodes if n.op in ("Conv", "Gemm") and len(n.inputs) > 1
+                  and isinstance(n.inputs[1], gs.Constant) and not n.attrs.get("transA", 0)]
+        analysis = analyze(graph, layers)
+        in_views = {p.space for s in analysis.spaces if s.view is not None for p in s.view}
+        padded = {}
+        for space in analysis.base():
+            extra = (-space.channels) % self.multiple
+            if (not extra or space.blocked or not space.producers or space.index in in_views
+                    or (self.depthwise_only and not any(f.op == "Conv" for f in space.followers))):
+                continue
+            _pad_space(graph, analysis, space, extra)
+            padded[space.producers[0].name] = [space.channels, space.channels + extra]
+        if padded:
+            interface = {id(t) for t in graph.inputs + graph.outputs}
+            for t in graph.tensors().values():
+                if isinstance(t, gs.Variable) and id(t) not in interface:
+                    t.shape = None
+            module.infer_shapes()
+        if ctx is not None:
+            ctx.log(padded=padded)
+        return bool(padded)
+
+
+def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
+    for node in space.producers:
+        w = np.asarray(node.inputs[1].values)
+        rows = weight_rows(node, w)
+        rows = np.concatenate([rows, np.zeros((extra, rows.shape[1]), rows.dtype)])
+        shape = (rows.shape[0],) + w.shape[1:] if node.op == "Conv" else (
+            rows.shape if node.attrs.get("transB", 0) else rows.shape[::-1])
+        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), rows_to_weight(node, rows, shape))
+        _pad_constant(graph, node, 2, extra, 0.0, axis=0)
+    for node in space.followers:
+        _pad_follower(graph, node, space.channels, extra)
+    for node, tensor in analysis.consumers:
+        if analysis.view[tensor] == [p for p in analysis.view[tensor] if p.space == space.index]:
+            w = np.asarray(node.inputs[1].values)
+            if node.op == "Conv":
+                pad = np.zeros((w.shape[0], extra) + w.shape[2:], w.dtype)
+                new = np.concatenate([w, pad], axis=1)
+            else:
+                rows = weight_rows(node, w)
+                rows = np.concatenate([rows, np.zeros((rows.shape[0], extra), rows.dtype)], axis=1)
+                new = rows_to_weight(node, rows, rows.shape if node.attrs.get("transB", 0) else rows.shape[::-1])
+            node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), new)
+
+
+def _pad_follower(graph: gs.Graph, node: gs.Node, channels: int, extra: int) -> None:
+    """Neutral entries for the new channels of a depthwise Conv, a normalization or a per-channel constant."""
+    if node.op == "Conv":
+        _pad_constant(graph, node, 1, extra, 0.0, axis=0)
+        _pad_constant(graph, node, 2, extra, 0.0, axis=0)
+        node.attrs["group"] = channels + extra
+        return
+    rank = len(node.outputs[0].shape)
+    fills = NEUTRAL.get(node.op)
+    for i, t in enumerate(node.inputs):
+        if not isinstance(t, gs.Constant):
+            continue
+        v = np.asarray(t.values)
+        if node.op in ("BatchNormalization", "InstanceNormalization", "PRelu") and v.ndim == 1 and v.shape[0] == channels:
+            fill = fills[i - 1] if isinstance(fills, tuple) else 0.0
+            _pad_constant(graph, node, i, extra, fill, axis=0)
+        elif v.ndim >= rank - 1 and v.shape[v.ndim - rank + 1] == channels:
+            _pad_constant(graph, node, i, extra, fills if isinstance(fills, float) else 0.0, axis=v.ndim - rank + 1)
+
+
+def _pad_constant(graph: gs.Graph, node: gs.Node, index: int, extra: int, fill: float, axis: int) -> None:
+    if index >= len(node.inputs) or not isinstance(node.inputs[index], gs.Constant):
+        return
+    v = const_value(node.inputs[index])
+    shape = list(v.shape)
+    shape[axis] = extra
+    new = np.concatenate([v, np.full(shape, fill, v.dtype)], axis=axis)
+    set_input(node, index, gs.Constant(fresh_name(graph, node.inputs[index].name + "_aligned"), new))
