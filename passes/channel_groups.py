@@ -73,7 +73,8 @@ def channels_of(t: gs.Tensor) -> int | None:
     return shape[1]
 
 
-def _is_depthwise(node: gs.Node) -> bool:
+def is_depthwise(node: gs.Node) -> bool:
+    """A Conv with one constant filter per channel (group == input channels == output channels)."""
     w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     g = node.attrs.get("group", 1)
     return w is not None and g > 1 and w.shape[0] == g and w.shape[1] == 1
@@ -81,9 +82,9 @@ def _is_depthwise(node: gs.Node) -> bool:
 
 def _aligned_channel(const: np.ndarray, rank: int) -> int:
     """The size of a broadcast constant along the channel axis of a rank-`rank` tensor."""
-    if const.ndim == 0 or const.ndim < rank - 1:
+    if const.ndim < rank - 1:
         return 1
-    return const.shape[const.ndim - rank + 1] if const.ndim >= rank - 1 else 1
+    return const.shape[const.ndim - rank + 1]
 
 
 def _axis(node: gs.Node, rank: int | None) -> int | None:
@@ -132,7 +133,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
                 else:
                     origin[t.name] = f"'{node.name}' ({op}) is not pruned (first layer or classifier)"
             continue
-        if op == "Conv" and _is_depthwise(node) and ins and outs and channels_of(ins[0]) == channels_of(outs[0]):
+        if op == "Conv" and is_depthwise(node) and ins and outs and channels_of(ins[0]) == channels_of(outs[0]):
             links.add_edge(ins[0].name, outs[0].name)
             followers.setdefault(outs[0].name, []).append(node)
             continue

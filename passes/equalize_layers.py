@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import const_value, fresh_name, is_graph_output, set_input
+from passes.channel_groups import is_depthwise
 
 HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool"}
 
@@ -25,17 +26,12 @@ def _conv_like(node: gs.Node) -> bool:
             and (len(node.inputs) < 3 or isinstance(node.inputs[2], gs.Constant)))
 
 
-def _depthwise(node: gs.Node) -> bool:
-    w = node.inputs[1].values
-    return node.attrs.get("group", 1) == w.shape[0] and w.shape[1] == 1 and w.shape[0] > 1
-
-
 def find_pairs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
     """(producer, consumer) Conv pairs joined through positively homogeneous ops only, the producer's
     output read by nothing else."""
     pairs = []
     for prod in graph.nodes:
-        if not _conv_like(prod) or (prod.attrs.get("group", 1) != 1 and not _depthwise(prod)):
+        if not _conv_like(prod) or (prod.attrs.get("group", 1) != 1 and not is_depthwise(prod)):
             continue
         t = prod.outputs[0]
         while True:
@@ -46,8 +42,8 @@ def find_pairs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
                                                                           for x in reader.inputs[1:]):
                 t = reader.outputs[0]
                 continue
-            if _conv_like(reader) and reader.inputs[0] is t and (reader.attrs.get("group", 1) == 1 or _depthwise(reader)):
-                cin = reader.inputs[1].values.shape[0 if _depthwise(reader) else 1]
+            if _conv_like(reader) and reader.inputs[0] is t and (reader.attrs.get("group", 1) == 1 or is_depthwise(reader)):
+                cin = reader.inputs[1].values.shape[0 if is_depthwise(reader) else 1]
                 if cin == prod.inputs[1].values.shape[0]:
                     pairs.append((prod, reader))
             break
@@ -80,7 +76,7 @@ class EqualizeLayers(Pass):
 def _equalize(graph: gs.Graph, prod: gs.Node, cons: gs.Node) -> None:
     w1 = np.asarray(prod.inputs[1].values, np.float64)
     w2 = np.asarray(cons.inputs[1].values, np.float64)
-    dw = _depthwise(cons)
+    dw = is_depthwise(cons)
     r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
     r2 = np.abs(w2).reshape(w2.shape[0], -1).max(axis=1) if dw else np.abs(w2).max(axis=(0, *range(2, w2.ndim)))
     ok = (r1 > 0) & (r2 > 0)
