@@ -183,6 +183,10 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     for t in graph.outputs:
         if t.name in channel_tensors:
             blocks.append((t.name, f"'{t.name}' is a graph output"))
+    for node in graph.nodes:  # tensors a subgraph (If/Loop body) reads from this scope
+        for name in _subgraph_reads(node):
+            if name in channel_tensors:
+                blocks.append((name, f"'{name}' is read inside the subgraph of '{node.name}' ({node.op})"))
 
     spaces: list[Space] = []
     space_of: dict[str, int] = {}
@@ -234,6 +238,17 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             s.blocked = "no prunable layer produces these channels"
     usable = [(n, t) for n, t in consumers if t in view and all(p.space >= 0 for p in view[t])]
     return ChannelAnalysis(spaces, view, usable, rewrites)
+
+
+def _subgraph_reads(node: gs.Node) -> set[str]:
+    """Names of the tensors read by the nodes of `node`'s subgraphs, nested ones included."""
+    names = set()
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            for inner in value.nodes:
+                names.update(t.name for t in inner.inputs)
+                names |= _subgraph_reads(inner)
+    return names
 
 
 def _derives_channels(node: gs.Node) -> bool:

@@ -42,6 +42,10 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     graph = module.graph
     analysis = analyze(graph, layers)
     base = [s for s in analysis.base() if s.producers]
+    if not base:
+        kinds = ", ".join(sorted({n.op for n in layers}))
+        raise UnsupportedModelError(f"channel pruning removes output channels of Conv (group 1) and Gemm layers, and "
+                                    f"none of this model's prunable layers ({kinds}) is one; use --prune-mode sparse")
     usable = [s for s in base if not s.blocked and s.channels > max(round_to, 1)]
     total = sum(int(n.inputs[1].values.size) for n in layers)
     consumers = analysis.consumers

@@ -237,3 +237,34 @@ def test_sample_resnet_prunes_across_residual_adds(tmp_path):
     acc = float(np.mean(run_model(onnx.load(str(out / "model.onnx")), {"input": x})[0].argmax(1) == y))
     assert acc > 0.8, acc
     assert result is not None
+
+
+def test_model_without_conv_or_gemm_layers_is_refused_naming_the_alternative(tmp_path):
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 16])], [("y", TensorProto.FLOAT, None)],
+                  [init("w1", rand(16, 32)), init("w2", rand(32, 4))])
+    with pytest.raises(DrpcError, match="none of this model's prunable layers \\(MatMul\\).*--prune-mode sparse"):
+        pruned(tmp_path, proto, 0.5)
+
+
+def test_tensor_read_inside_an_if_branch_blocks_its_group(tmp_path):
+    """conv1's output is read only by the branches of an If (as silero's LSTM state is): it must not shrink."""
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 6, 4, 1, (), inits)
+    weights("w2", 6, 6, 1, (), inits)
+    weights("w3", 4, 6, 1, (), inits)
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Relu", ["c1"], [name])], name, [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1"),
+             helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["b"], name="branch", then_branch=branch("t"), else_branch=branch("e")),
+             conv("conv2", "b", "w2", "c2"), helper.make_node("Relu", ["c2"], ["r2"]), conv("conv3", "r2", "w3", "y")]
+    inits.append(init("zero", np.float32(0)))
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    out = pruned(tmp_path, proto, 0.1)
+    assert out_channels(out, "conv1") == 6
+    outputs_close(proto, out, feed(proto), rtol=10.0)  # runs: shapes inside the branch still match

@@ -254,10 +254,8 @@ def test_equalize_layers_leaves_clipped_activations_alone():
     assert not changed
 
 
-def test_align_channels_pads_depthwise_blocks_with_zero_channels():
-    """expand (10 ch) → HardSwish → depthwise 5x5 → ·per-channel constant → SE gate → project: after padding
-    to 16 channels the outputs are unchanged; a space without a depthwise conv is left alone."""
-    c = 10
+def se_block_model(c=10):
+    """expand (c ch) → HardSwish → depthwise 5x5 → ·per-channel constant → SE gate → project."""
     nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"], name="expand"), helper.make_node("HardSwish", ["e"], ["h"]),
              helper.make_node("Conv", ["h", "wd", "bd"], ["d"], name="dw", group=c, pads=[2, 2, 2, 2]),
              helper.make_node("Mul", ["d", "k"], ["dk"]),
@@ -268,7 +266,12 @@ def test_align_channels_pads_depthwise_blocks_with_zero_channels():
     inits = [init("we", rand(c, 3, 1, 1)), init("be", rand(c)), init("wd", rand(c, 1, 5, 5)), init("bd", rand(c)),
              init("k", rand(c, 1, 1)), init("wr", rand(4, c, 1, 1)), init("br", rand(4)), init("wx", rand(c, 4, 1, 1)),
              init("bx", rand(c)), init("wp", rand(6, c, 1, 1)), init("bp", rand(6))]
-    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits, opset=14)
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits, opset=14)
+
+
+def test_align_channels_pads_depthwise_blocks_with_zero_channels():
+    """After padding to 16 channels the outputs are unchanged; a space without a depthwise conv is left alone."""
+    original = se_block_model()
     changed, aligned = run_pass(original, "align-channels")
     assert changed
     outputs_close(original, aligned, {"x": rand(1, 3, 8, 8)}, rtol=1e-5)
@@ -279,3 +282,15 @@ def test_align_channels_pads_depthwise_blocks_with_zero_channels():
     assert shapes["se_r"][0] == 4 and shapes["project"][0] == 6  # no depthwise conv reads them
     dw = next(n for n in aligned.graph.node if n.name == "dw")
     assert next(a.i for a in dw.attribute if a.name == "group") == 16
+
+
+def test_lossless_check_after_a_lossy_pass_compares_with_that_pass_output(tmp_path):
+    """prune changes outputs; align-channels after it is held to the pruned model, not to the original."""
+    from compiler.api import compile_model
+
+    src = tmp_path / "se.onnx"
+    onnx.save(se_block_model(), src)
+    np.savez(tmp_path / "calib.npz", x=rand(8, 3, 8, 8))
+    result = compile_model(src, "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz", verify=True,
+                           pipeline="prune{ratio=0.5,mode=sparse,first_layer=true},align-channels")
+    assert result is not None
