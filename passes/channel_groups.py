@@ -169,13 +169,13 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
                 origin[t.name] = f"'{node.name}' ({op})"
             continue
         if op in DERIVING and ins and (op == "Concat" or node.inputs[0] is ins[0]) and _derives_channels(node):
-                for t in node.outputs:
-                    derived[t.name] = node
-                    channel_tensors.setdefault(t.name, t)
-                    links.add_node(t.name)
-                if op in ("Split", "Slice", "Reshape"):
-                    rewrites.append(node)
-                continue
+            for t in node.outputs:
+                derived[t.name] = node
+                channel_tensors.setdefault(t.name, t)
+                links.add_node(t.name)
+            if op in ("Split", "Slice", "Reshape"):
+                rewrites.append(node)
+            continue
         for t in ins:
             blocks.append((t.name, f"'{node.name}' ({op}) reads the channels of '{t.name}'"))
         for t in outs:
@@ -192,8 +192,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     space_of: dict[str, int] = {}
     for comp in sorted(nx.connected_components(links), key=min):
         names = sorted(comp)
-        c = channels_of(channel_tensors[names[0]]) if channels_of(channel_tensors[names[0]]) else 0
-        space = Space(len(spaces), c, names)
+        space = Space(len(spaces), channels_of(channel_tensors[names[0]]) or 0, names)
         for n in names:
             space_of[n] = space.index
             space.followers.extend(followers.get(n, []))
