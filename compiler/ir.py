@@ -125,6 +125,14 @@ class Module:
         proto = self.to_proto(infer_shapes=True)
         self.graph = gs.import_onnx(proto)
 
+    def reinfer_shapes(self) -> None:
+        """Forget the shapes of inner tensors (channel counts changed) and infer them again."""
+        interface = {id(t) for t in self.graph.inputs + self.graph.outputs}
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Variable) and id(t) not in interface:
+                t.shape = None
+        self.infer_shapes()
+
     def save(self, path: str | os.PathLike, infer_shapes: bool = True) -> onnx.ModelProto:
         """Write the model; weights go to `<name>.data` beside it when the protobuf limit would be hit."""
         proto = self.to_proto(infer_shapes=infer_shapes)

@@ -14,8 +14,8 @@ import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import const_value, fresh_name, set_input
-from passes.channel_groups import Space, analyze
-from passes.prune_common import rows_to_weight, weight_rows
+from passes.channel_groups import Space, analyze, channel_params
+from passes.prune_common import prunable_layers, rows_to_weight, weight_rows
 
 NEUTRAL = {"Div": 1.0, "BatchNormalization": (0.0, 0.0, 0.0, 1.0), "InstanceNormalization": (0.0, 0.0)}
 
@@ -34,9 +34,7 @@ class AlignChannels(Pass):
     def run(self, module, ctx) -> bool:
         module.infer_shapes()
         graph = module.graph
-        layers = [n for n in graph.nodes if n.op in ("Conv", "Gemm") and len(n.inputs) > 1
-                  and isinstance(n.inputs[1], gs.Constant) and not n.attrs.get("transA", 0)]
-        analysis = analyze(graph, layers)
+        analysis = analyze(graph, prunable_layers(graph, first_layer=True, classifier=True))
         in_views = {p.space for s in analysis.spaces if s.view is not None for p in s.view}
         padded = {}
         for space in analysis.base():
@@ -47,11 +45,7 @@ class AlignChannels(Pass):
             _pad_space(graph, analysis, space, extra)
             padded[space.producers[0].name] = [space.channels, space.channels + extra]
         if padded:
-            interface = {id(t) for t in graph.inputs + graph.outputs}
-            for t in graph.tensors().values():
-                if isinstance(t, gs.Variable) and id(t) not in interface:
-                    t.shape = None
-            module.infer_shapes()
+            module.reinfer_shapes()
         if ctx is not None:
             ctx.log(padded=padded)
         return bool(padded)
@@ -62,43 +56,26 @@ def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
         w = np.asarray(node.inputs[1].values)
         rows = weight_rows(node, w)
         rows = np.concatenate([rows, np.zeros((extra, rows.shape[1]), rows.dtype)])
-        shape = (rows.shape[0],) + w.shape[1:] if node.op == "Conv" else (
-            rows.shape if node.attrs.get("transB", 0) else rows.shape[::-1])
-        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), rows_to_weight(node, rows, shape))
+        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), rows_to_weight(node, rows))
         _pad_constant(graph, node, 2, extra, 0.0, axis=0)
     for node in space.followers:
         _pad_follower(graph, node, space.channels, extra)
     for node, tensor in analysis.consumers:
         if analysis.view[tensor] == [p for p in analysis.view[tensor] if p.space == space.index]:
             w = np.asarray(node.inputs[1].values)
-            if node.op == "Conv":
-                pad = np.zeros((w.shape[0], extra) + w.shape[2:], w.dtype)
-                new = np.concatenate([w, pad], axis=1)
-            else:
-                rows = weight_rows(node, w)
-                rows = np.concatenate([rows, np.zeros((rows.shape[0], extra), rows.dtype)], axis=1)
-                new = rows_to_weight(node, rows, rows.shape if node.attrs.get("transB", 0) else rows.shape[::-1])
-            node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), new)
+            per = int(np.prod(w.shape[2:])) if node.op == "Conv" else 1  # columns per input channel
+            rows = weight_rows(node, w)
+            rows = np.concatenate([rows, np.zeros((rows.shape[0], extra * per), rows.dtype)], axis=1)
+            node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), rows_to_weight(node, rows))
 
 
 def _pad_follower(graph: gs.Graph, node: gs.Node, channels: int, extra: int) -> None:
     """Neutral entries for the new channels of a depthwise Conv, a normalization or a per-channel constant."""
+    fills = NEUTRAL.get(node.op, 0.0)
+    for i, axis in channel_params(node, channels):
+        _pad_constant(graph, node, i, extra, fills[i - 1] if isinstance(fills, tuple) else fills, axis)
     if node.op == "Conv":
-        _pad_constant(graph, node, 1, extra, 0.0, axis=0)
-        _pad_constant(graph, node, 2, extra, 0.0, axis=0)
         node.attrs["group"] = channels + extra
-        return
-    rank = len(node.outputs[0].shape)
-    fills = NEUTRAL.get(node.op)
-    for i, t in enumerate(node.inputs):
-        if not isinstance(t, gs.Constant):
-            continue
-        v = np.asarray(t.values)
-        if node.op in ("BatchNormalization", "InstanceNormalization", "PRelu") and v.ndim == 1 and v.shape[0] == channels:
-            fill = fills[i - 1] if isinstance(fills, tuple) else 0.0
-            _pad_constant(graph, node, i, extra, fill, axis=0)
-        elif v.ndim >= rank - 1 and v.shape[v.ndim - rank + 1] == channels:
-            _pad_constant(graph, node, i, extra, fills if isinstance(fills, float) else 0.0, axis=v.ndim - rank + 1)
 
 
 def _pad_constant(graph: gs.Graph, node: gs.Node, index: int, extra: int, fill: float, axis: int) -> None:

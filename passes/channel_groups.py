@@ -239,6 +239,23 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     return ChannelAnalysis(spaces, view, usable, rewrites)
 
 
+def channel_params(node: gs.Node, channels: int) -> list[tuple[int, int]]:
+    """(input index, axis) of a follower's constant inputs that hold one entry per channel: a depthwise Conv's
+    weight and bias, a normalization's parameters, a PRelu slope or element-wise constant broadcast per channel."""
+    rank = len(node.outputs[0].shape)
+    out = []
+    for i, t in enumerate(node.inputs):
+        if not isinstance(t, gs.Constant):
+            continue
+        v = np.asarray(t.values)
+        if node.op in ("Conv", "BatchNormalization", "InstanceNormalization"):  # 1-D along the channels
+            if v.ndim and v.shape[0] == channels:
+                out.append((i, 0))
+        elif v.ndim >= rank - 1 and v.shape[v.ndim - rank + 1] == channels:  # broadcast (PRelu slope, Mul, Add)
+            out.append((i, v.ndim - rank + 1))
+    return out
+
+
 def _subgraph_reads(node: gs.Node) -> set[str]:
     """Names of the tensors read by the nodes of `node`'s subgraphs, nested ones included."""
     names = set()

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.rewrite import const_value, fresh_name, set_input
-from passes.channel_groups import ChannelAnalysis, Space, analyze, kept_positions
+from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions
 from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
 
 
@@ -66,11 +66,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
     _apply(graph, analysis, keep, stats, ctx)
     graph.cleanup(remove_unused_graph_inputs=False)
-    interface = {id(t) for t in graph.inputs + graph.outputs}
-    for t in graph.tensors().values():  # channel counts changed downstream: let shape inference redo them
-        if isinstance(t, gs.Variable) and id(t) not in interface:
-            t.shape = None
-    module.infer_shapes()
+    module.reinfer_shapes()
     return {"prunable_weights": total, "removed_weights": int(removed),
             "achieved_ratio": round(removed / max(total, 1), 4), "groups": len(base),
             "blocked_groups": {(s.producers[0].name if s.producers else s.tensors[0]): s.blocked for s in base if s.blocked}}
@@ -163,11 +159,7 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
             if ctx is not None:
                 ctx.layer(node.name, channels_before=int(rows.shape[0]), channels_after=int(len(kept)))
             rows, bias = rows[kept], bias[kept]
-        if node.op == "Conv":
-            new_w = rows.reshape((rows.shape[0], -1) + w.shape[2:])
-        else:
-            shape = rows.shape if node.attrs.get("transB", 0) else rows.shape[::-1]
-            new_w = rows_to_weight(node, rows, shape)
+        new_w = rows_to_weight(node, rows)
         node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_pruned"), new_w.astype(np.float32))
         if has_bias or changed_bias:
             set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_bias_pruned"), bias.astype(np.float32)))
@@ -183,16 +175,9 @@ def _slice_follower(graph, node: gs.Node, kept: np.ndarray) -> None:
     c = node.outputs[0].shape[1]
     if len(kept) == c:
         return
-    rank = len(node.outputs[0].shape)
-    for i, t in enumerate(node.inputs):
-        if not isinstance(t, gs.Constant):
-            continue
-        v = np.asarray(t.values)
-        if node.op == "Conv" or node.op in ("BatchNormalization", "InstanceNormalization", "PRelu") and v.ndim == 1:
-            if v.shape and v.shape[0] == c:
-                set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), v[kept]))
-        elif v.ndim >= rank - 1 and v.shape[v.ndim - rank + 1] == c:
-            set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), np.take(v, kept, axis=v.ndim - rank + 1)))
+    for i, axis in channel_params(node, c):
+        t = node.inputs[i]
+        set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), np.take(np.asarray(t.values), kept, axis=axis)))
     if node.op == "Conv":
         node.attrs["group"] = int(len(kept))
 

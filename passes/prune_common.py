@@ -52,11 +52,16 @@ def weight_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:
     return weight.reshape(weight.shape[0], -1)
 
 
-def rows_to_weight(node: gs.Node, rows: np.ndarray, shape: tuple) -> np.ndarray:
-    """Inverse of `weight_rows`."""
-    if (node.op == "Gemm" and not node.attrs.get("transB", 0)) or node.op == "MatMul":
-        return rows.T.reshape(shape)
-    return rows.reshape(shape)
+def rows_to_weight(node: gs.Node, rows: np.ndarray, shape: tuple | None = None) -> np.ndarray:
+    """Inverse of `weight_rows`. Without `shape`, the layer's current weight shape with the output and input
+    counts of `rows` (for a weight that grew or shrank: pruned or padded channels)."""
+    transposed = (node.op == "Gemm" and not node.attrs.get("transB", 0)) or node.op == "MatMul"
+    if shape is None:
+        if node.op in ("Conv", "ConvTranspose"):
+            shape = (rows.shape[0], -1) + tuple(np.asarray(node.inputs[1].values).shape[2:])
+        else:
+            shape = rows.shape[::-1] if transposed else rows.shape
+    return (rows.T if transposed else rows).reshape(shape)
 
 
 @dataclass

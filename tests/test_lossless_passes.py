@@ -255,16 +255,17 @@ def test_equalize_layers_leaves_clipped_activations_alone():
 
 
 def se_block_model(c=10):
-    """expand (c ch) → HardSwish → depthwise 5x5 → ·per-channel constant → SE gate → project."""
+    """expand (c ch) → HardSwish → depthwise 5x5 → PRelu → ·per-channel constant → SE gate → project."""
     nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"], name="expand"), helper.make_node("HardSwish", ["e"], ["h"]),
-             helper.make_node("Conv", ["h", "wd", "bd"], ["d"], name="dw", group=c, pads=[2, 2, 2, 2]),
+             helper.make_node("Conv", ["h", "wd", "bd"], ["d0"], name="dw", group=c, pads=[2, 2, 2, 2]),
+             helper.make_node("PRelu", ["d0", "slope"], ["d"]),
              helper.make_node("Mul", ["d", "k"], ["dk"]),
              helper.make_node("GlobalAveragePool", ["dk"], ["g"]), helper.make_node("Conv", ["g", "wr", "br"], ["r"], name="se_r"),
              helper.make_node("Relu", ["r"], ["rr"]), helper.make_node("Conv", ["rr", "wx", "bx"], ["s"], name="se_x"),
              helper.make_node("HardSigmoid", ["s"], ["gate"]), helper.make_node("Mul", ["dk", "gate"], ["m"]),
              helper.make_node("Conv", ["m", "wp", "bp"], ["y"], name="project")]
     inits = [init("we", rand(c, 3, 1, 1)), init("be", rand(c)), init("wd", rand(c, 1, 5, 5)), init("bd", rand(c)),
-             init("k", rand(c, 1, 1)), init("wr", rand(4, c, 1, 1)), init("br", rand(4)), init("wx", rand(c, 4, 1, 1)),
+             init("k", rand(c, 1, 1)), init("slope", rand(1, c, 1, 1)), init("wr", rand(4, c, 1, 1)), init("br", rand(4)), init("wx", rand(c, 4, 1, 1)),
              init("bx", rand(c)), init("wp", rand(6, c, 1, 1)), init("bp", rand(6))]
     return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits, opset=14)
 
