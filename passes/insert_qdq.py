@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias, const_value, fresh_name, is_graph_output
+from passes.float_layers import float_layers
 from passes.prune_common import bias_shift, layer_statistics, rows_to_weight, weight_rows
 from passes.quant_common import (ABSORBED_ACTIVATIONS, COMPUTE_OPS, SHARED_SCALE_OPS, add_qdq, gptq_round,
                                  is_weight_input, quantize_weight, weight_axis)
@@ -27,8 +28,8 @@ class InsertQDQ(Pass):
     quantized op gets one uint8 QuantizeLinear→DequantizeLinear pair (placeholder scale 1, zero point 0 until
     `calibrate`); a Relu/Clip right after a quantized op is absorbed into the range of its output (the pair
     goes after it); data-movement ops are quantized only when their input is; ops in the target's
-    float_ops, LSTM/GRU/If/Loop, custom-domain ops, nodes matched by --exclude and ops the target runs on the
-    CPU stay float; graph outputs keep their names and stay float; float readers of a tensor keep reading it
+    float_ops, LSTM/GRU/If/Loop, custom-domain ops, nodes matched by --exclude, ops the target runs on the
+    CPU and the layers `float_layers` picks (a few-channel stem conv, pooling after HardSwish) stay float; graph outputs keep their names and stay float; float readers of a tensor keep reading it
     unrounded, except readers of an int8 conv's own output, which read it dequantized so that onnxruntime
     fuses the conv into QLinearConv. With calibration data, the mean output shift of weight rounding goes
     into the bias. Needs opset >= 13.
@@ -38,7 +39,10 @@ class InsertQDQ(Pass):
     OPTIONS = {"rounding": Option(str, "gptq", "weight rounding: nearest, or gptq (second-order, needs calibration data)",
                                   choices=("nearest", "gptq")),
                "bias_correction": Option(bool, True, "move the mean output shift of weight rounding, (W - Wq) E[x], "
-                                         "into the bias (needs calibration data)")}
+                                         "into the bias (needs calibration data)"),
+               "stem": Option(str, "float", "a conv on a model input with at most 4 channels: float (faster in "
+                              "onnxruntime) or int8", choices=("float", "int8")),
+               "float_tail": Option(bool, True, "keep pooling after a HardSwish float (faster in onnxruntime)")}
 
     def run(self, module, ctx) -> bool:
         if module.opset < 13:
@@ -48,14 +52,15 @@ class InsertQDQ(Pass):
         if ctx is not None:
             ctx.float_model = module.to_proto()
         graph = module.graph
-        float_reason = self._float_nodes(module, ctx)
+        float_reason, stem_ends = float_layers(graph, stem=self.stem == "float", tail=self.float_tail)
+        float_reason.update(self._float_nodes(module, ctx, float_reason))
         quantized = [n for n in graph.nodes if n.name not in float_reason and n.op in COMPUTE_OPS | SHARED_SCALE_OPS]
         stats = {}
         if (self.rounding == "gptq" or self.bias_correction) and ctx is not None and ctx.calib is not None:
             layers = [n for n in quantized if any(is_weight_input(n, i) for i in range(len(n.inputs)))]
             stats = layer_statistics(module, ctx, layers, max_samples=GPTQ_SAMPLES)
         weights = self._quantize_weights(graph, quantized, stats, self.rounding, self.bias_correction)
-        tensors = self._activation_tensors(graph, quantized)
+        tensors = self._activation_tensors(graph, quantized, stem_ends)
         for tensor, readers in tensors:
             add_qdq(graph, tensor, readers=readers)
         graph.toposort()
@@ -70,7 +75,7 @@ class InsertQDQ(Pass):
         return bool(weights or tensors)
 
     @staticmethod
-    def _float_nodes(module, ctx) -> dict[str, str]:
+    def _float_nodes(module, ctx, chosen: dict[str, str]) -> dict[str, str]:
         exclude = set((ctx.options.get("exclude") or []) if ctx is not None else [])
         target = getattr(ctx, "target", None)
         float_ops = set(getattr(target, "float_ops", ()))
@@ -92,7 +97,7 @@ class InsertQDQ(Pass):
                 reasons[node.name] = f"custom domain {node.domain} stays float"
             elif node.name in cpu and node.op in COMPUTE_OPS:
                 reasons[node.name] = f"runs on the CPU: {cpu[node.name]}"
-            elif node.op not in COMPUTE_OPS | SHARED_SCALE_OPS:
+            elif node.op not in COMPUTE_OPS | SHARED_SCALE_OPS and node.name not in chosen:
                 reasons[node.name] = "not quantizable"
         return reasons
 
@@ -128,7 +133,8 @@ class InsertQDQ(Pass):
         return count
 
     @staticmethod
-    def _activation_tensors(graph: gs.Graph, quantized: list[gs.Node]) -> list[tuple[gs.Variable, set[str]]]:
+    def _activation_tensors(graph: gs.Graph, quantized: list[gs.Node],
+                            stem_ends: set[str]) -> list[tuple[gs.Variable, set[str]]]:
         names = {n.name for n in quantized}
         int8: set[str] = set()
         for node in graph.nodes:  # topological: which quantizable nodes actually compute in int8
@@ -136,9 +142,9 @@ class InsertQDQ(Pass):
                 continue
             if node.op in SHARED_SCALE_OPS:
                 src = _int8_source(node.inputs[0]) if node.inputs else None
-                if src is not None and src.name in int8:
+                if src is not None and (src.name in int8 or src.name in stem_ends):
                     int8.add(node.name)
-            elif node.op not in ELEMENTWISE or _elementwise_in_int8(node, int8):
+            elif node.op not in ELEMENTWISE or _elementwise_in_int8(node, int8 | stem_ends):
                 int8.add(node.name)
         chosen: dict[int, gs.Variable] = {}
         gates: set[str] = set()
@@ -202,8 +208,9 @@ def _elementwise_in_int8(node: gs.Node, quantized: set[str]) -> bool:
         if isinstance(t, gs.Constant) or const_value(t) is not None:
             return False
         src = t.inputs[0] if t.inputs else None
-        while src is not None and src.op in ABSORBED_ACTIVATIONS | SHARED_SCALE_OPS and src.inputs and src.inputs[0].inputs:
-            if src.name not in quantized and src.op not in ABSORBED_ACTIVATIONS:
+        while (src is not None and src.name not in quantized and src.op in ABSORBED_ACTIVATIONS | SHARED_SCALE_OPS
+               and src.inputs and src.inputs[0].inputs):
+            if src.op not in ABSORBED_ACTIVATIONS:
                 return False
             src = src.inputs[0].inputs[0]
         if src is None or src.name not in quantized:

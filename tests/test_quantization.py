@@ -23,7 +23,10 @@ def test_qdq_format(sample_int8):
     m, _ = sample_int8
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     prod = {o: n for n in m.graph.node for o in n.output}
-    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    inputs = {i.name for i in m.graph.input}
+    stem = [n for n in m.graph.node if n.op_type == "Conv" and n.input[0] in inputs]
+    assert len(stem) == 1 and stem[0].input[1] in inits  # 1-channel stem conv stays float (test_int8_layout.py)
+    convs = [n for n in m.graph.node if n.op_type == "Conv" and n not in stem]
     assert convs
     for conv in convs:
         w_dq = prod[conv.input[1]]
@@ -163,11 +166,11 @@ def test_conv_read_by_a_float_op_still_fuses_into_qlinearconv(tmp_path):
              helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
              helper.make_node("Conv", ["g", "wr", "br"], ["s"], name="se"), helper.make_node("HardSigmoid", ["s"], ["gate"]),
              helper.make_node("Mul", ["r", "gate"], ["m"]), helper.make_node("Conv", ["m", "w2", "b2"], ["y"], name="conv2")]
-    inits = [init("w1", rand(8, 3, 3, 3)), init("b1", rand(8)), init("wr", rand(8, 8, 1, 1)), init("br", rand(8)),
+    inits = [init("w1", rand(8, 6, 3, 3)), init("b1", rand(8)), init("wr", rand(8, 8, 1, 1)), init("br", rand(8)),
              init("w2", rand(4, 8, 1, 1)), init("b2", rand(4))]
     src = tmp_path / "se.onnx"
-    onnx.save(model(nodes, [("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits), src)
-    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    onnx.save(model(nodes, [("x", TensorProto.FLOAT, ["N", 6, 8, 8])], [("y", TensorProto.FLOAT, None)], inits), src)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 6, 8, 8)).astype(np.float32))
     compile_model(src, "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz")
     import onnxruntime as ort
 

@@ -17,15 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def attention_model():
-    """Conv → Reshape → MatMul(a, aᵀ) (activation × activation: a CPU op on DRP-AI targets) → Softmax."""
+    """Conv (6 input channels: not a float stem) → Reshape → MatMul(a, aᵀ) (activation × activation: a CPU op on DRP-AI targets) → Softmax."""
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("Reshape", ["r", "shape"], ["a"], name="reshape"),
              helper.make_node("Transpose", ["a"], ["at"], name="transpose", perm=[0, 2, 1]),
              helper.make_node("MatMul", ["a", "at"], ["s"], name="attn_matmul"),
              helper.make_node("Softmax", ["s"], ["y"], name="softmax", axis=-1)]
-    inits = [init("w", rand(8, 3, 3, 3, scale=0.3)), init("b", rand(8)), init("shape", np.array([1, 8, 64], np.int64))]
-    return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 8, 8])], inits)
+    inits = [init("w", rand(8, 6, 3, 3, scale=0.3)), init("b", rand(8)), init("shape", np.array([1, 8, 64], np.int64))]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 6, 8, 8])], [("y", TensorProto.FLOAT, [1, 8, 8])], inits)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def package(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("sim")
     onnx.save(attention_model(), base / "attn.onnx")
-    np.save(base / "calib.npy", rand(32, 3, 8, 8))
+    np.save(base / "calib.npy", rand(32, 6, 8, 8))
     out = base / "pkg"
     compile_model(base / "attn.onnx", "rzv2h", out, calib=base / "calib.npy")
     return out
@@ -142,6 +142,6 @@ def test_tampered_reference_is_refused(package, tmp_path):
 
 
 def test_simulate_with_external_data(package, tmp_path):
-    np.save(tmp_path / "data.npy", rand(5, 3, 8, 8))
+    np.save(tmp_path / "data.npy", rand(5, 6, 8, 8))
     report = simulate(package, tmp_path / "data.npy")
     assert report.ok and report.samples == 5
