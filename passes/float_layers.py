@@ -21,6 +21,7 @@ from compiler.rewrite import const_value, fresh_name, is_graph_output, sole_cons
 
 STEM_CHANNELS = 4
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
+STEM_ACTIVATIONS = {"HardSwish", "Elu", "Selu", "Softplus", "Mish", "Gelu"}  # besides the non-decreasing ones
 
 
 def float_layers(graph: gs.Graph, stem: bool = True, tail: bool = True) -> tuple[dict[str, str], set[str]]:
@@ -44,10 +45,10 @@ def float_layers(graph: gs.Graph, stem: bool = True, tail: bool = True) -> tuple
             act = sole_consumer(graph, node.outputs[0])
             if act is not None and act.op == "MaxPool" and len(act.outputs) == 1:
                 end = act
-            elif act is not None and _non_decreasing(act):
-                end = act
+            elif act is not None and (act.op in STEM_ACTIVATIONS and len(act.inputs) == 1 or _non_decreasing(act)):
+                end = act  # quantizing after the activation, not between conv and activation
                 pool = sole_consumer(graph, act.outputs[0])
-                if pool is not None and _pool_before(graph, act, pool):
+                if pool is not None and _non_decreasing(act) and _pool_before(graph, act, pool):
                     reasons[pool.name] = "pooled in float after the float stem conv"
             if end is not node:
                 reasons[end.name] = "part of the float stem"
