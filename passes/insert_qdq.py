@@ -29,10 +29,11 @@ class InsertQDQ(Pass):
     `calibrate`); a Relu/Clip right after a quantized op is absorbed into the range of its output (the pair
     goes after it); data-movement ops are quantized only when their input is; ops in the target's
     float_ops, LSTM/GRU/If/Loop, custom-domain ops, nodes matched by --exclude, ops the target runs on the
-    CPU and the layers `float_layers` picks (a few-channel stem conv, pooling after HardSwish) stay float; graph outputs keep their names and stay float; float readers of a tensor keep reading it
-    unrounded, except readers of an int8 conv's own output, which read it dequantized so that onnxruntime
-    fuses the conv into QLinearConv. With calibration data, the mean output shift of weight rounding goes
-    into the bias. Needs opset >= 13.
+    CPU and the layers `float_layers` picks (a few-channel stem conv, pooling after HardSwish) stay float;
+    graph outputs keep their names and stay float; float readers of a tensor keep reading it unrounded,
+    except readers of an int8 conv's own output, which read it dequantized so that onnxruntime fuses the conv
+    into QLinearConv. With calibration data, the mean output shift of weight rounding goes into the bias.
+    Needs opset >= 13.
     """
 
     name = "insert-qdq"

@@ -31,7 +31,8 @@ class Int8HardSwish(Pass):
 
     def run(self, module, ctx) -> bool:
         graph = module.graph
-        swishes = [n for n in graph.nodes if n.op == "HardSwish" and _dequantized(n.inputs[0]) and _quantize_reader(n.outputs[0])]
+        swishes = [n for n in graph.nodes
+                   if n.op == "HardSwish" and _dequantized(n.inputs[0]) and _quantize_reader(n.outputs[0])]
         for node in swishes:
             _rewrite(graph, node)
         gates = _quantize_gates(graph) if self.gates else 0
@@ -79,7 +80,7 @@ def _rewrite(graph: gs.Graph, node: gs.Node) -> None:
                  shape=x.shape)
     q = _quantize_reader(y)
     others = [r for r in y.outputs if r is not q]
-    node.op, node.name = "Mul", fresh_name(graph, node.name + "_int8")
+    node.op = "Mul"  # keeps the HardSwish's name, so the report ties the Mul to the layer it replaces
     node.attrs.clear()
     node.inputs.clear()
     node.inputs.extend([x, gate])
