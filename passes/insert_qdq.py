@@ -53,8 +53,8 @@ class InsertQDQ(Pass):
         if ctx is not None:
             ctx.float_model = module.to_proto()
         graph = module.graph
-        float_reason, stem_ends = float_layers(graph, stem=self.stem == "float", tail=self.float_tail)
-        float_reason.update(self._float_nodes(module, ctx, float_reason))
+        chosen, stem_ends = float_layers(graph, stem=self.stem == "float", tail=self.float_tail)
+        float_reason = {**self._float_nodes(module, ctx), **chosen}
         quantized = [n for n in graph.nodes if n.name not in float_reason and n.op in COMPUTE_OPS | SHARED_SCALE_OPS]
         stats = {}
         if (self.rounding == "gptq" or self.bias_correction) and ctx is not None and ctx.calib is not None:
@@ -76,7 +76,7 @@ class InsertQDQ(Pass):
         return bool(weights or tensors)
 
     @staticmethod
-    def _float_nodes(module, ctx, chosen: dict[str, str]) -> dict[str, str]:
+    def _float_nodes(module, ctx) -> dict[str, str]:
         exclude = set((ctx.options.get("exclude") or []) if ctx is not None else [])
         target = getattr(ctx, "target", None)
         float_ops = set(getattr(target, "float_ops", ()))
@@ -98,7 +98,7 @@ class InsertQDQ(Pass):
                 reasons[node.name] = f"custom domain {node.domain} stays float"
             elif node.name in cpu and node.op in COMPUTE_OPS:
                 reasons[node.name] = f"runs on the CPU: {cpu[node.name]}"
-            elif node.op not in COMPUTE_OPS | SHARED_SCALE_OPS and node.name not in chosen:
+            elif node.op not in COMPUTE_OPS | SHARED_SCALE_OPS:
                 reasons[node.name] = "not quantizable"
         return reasons
 
