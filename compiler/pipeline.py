@@ -28,9 +28,9 @@ def parse_pipeline(text: str) -> PassManager:
 
 def default_pipeline_text(target, prune_ratio: float = 0.0, prune_mode: str | None = None,
                           calib_method: str | None = None, max_drop: float | None = None) -> str:
-    """The target's default pipeline, with a prune pass before quantization (and before channel padding, whose
-    zero channels must not count as pruned) when `prune_ratio` > 0 and a
-    fallback-float pass after calibration when an accuracy budget `max_drop` is given."""
+    """The target's default pipeline, with a prune pass before quantization and channel padding (whose zero
+    channels must not count as pruned) when `prune_ratio` > 0, and a fallback-float pass after calibration
+    when an accuracy budget `max_drop` is given."""
     pm = parse_pipeline(target.default_pipeline)
     items = [str(p) for p in pm.passes]
     if calib_method:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 

@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import fresh_name, replace_uses
+from passes.quant_common import add_qdq
 
 
 @register_pass
@@ -71,13 +72,13 @@ def _rewrite(graph: gs.Graph, node: gs.Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
     base = y.name
     zero = _const(graph, base + "_gate_zero_point", 0, np.uint8)
-    three = _node(graph, "DequantizeLinear", base + "_three",
-                  [_const(graph, base + "_three_q", 1, np.uint8), _const(graph, base + "_three_scale", 3.0, np.float32), zero])
+    three = _node(graph, "DequantizeLinear", base + "_three", [_const(graph, base + "_three_q", 1, np.uint8),
+                                                              _const(graph, base + "_three_scale", 3.0, np.float32), zero])
     shifted = _node(graph, "Add", base + "_plus3", [x, three], shape=x.shape)
-    clipped = _node(graph, "QuantizeLinear", base + "_gate_q", [shifted, _const(graph, base + "_gate_scale", 6 / 255, np.float32), zero],
-                    dtype=np.uint8, shape=x.shape)
-    gate = _node(graph, "DequantizeLinear", base + "_gate", [clipped, _const(graph, base + "_gate_scale6", 1 / 255, np.float32), zero],
-                 shape=x.shape)
+    clipped = _node(graph, "QuantizeLinear", base + "_gate_q",
+                    [shifted, _const(graph, base + "_gate_scale", 6 / 255, np.float32), zero], dtype=np.uint8, shape=x.shape)
+    gate = _node(graph, "DequantizeLinear", base + "_gate",  # read back divided by 6
+                 [clipped, _const(graph, base + "_gate_scale_div6", 1 / 255, np.float32), zero], shape=x.shape)
     q = _quantize_reader(y)
     others = [r for r in y.outputs if r is not q]
     node.op = "Mul"  # keeps the HardSwish's name, so the report ties the Mul to the layer it replaces
@@ -94,15 +95,12 @@ def _rewrite(graph: gs.Graph, node: gs.Node) -> None:
 def _quantize_gates(graph: gs.Graph) -> int:
     count = 0
     for mul in list(graph.nodes):
-        if mul.op != "Mul" or len(mul.inputs) != 2 or not _quantize_reader(mul.outputs[0]) or len(mul.outputs[0].outputs) != 1:
+        if mul.op != "Mul" or len(mul.inputs) != 2 or len(mul.outputs[0].outputs) != 1 or not _quantize_reader(mul.outputs[0]):
             continue
         kinds = [t.inputs[0].op if t.inputs else None for t in mul.inputs]
-        if sorted(kinds, key=str) != ["DequantizeLinear", "HardSigmoid"] or not _dequantized(mul.inputs[kinds.index("DequantizeLinear")]):
+        if sorted(kinds, key=str) != ["DequantizeLinear", "HardSigmoid"]:
             continue
-        i = kinds.index("HardSigmoid")
-        g = mul.inputs[i]
-        scale, zero = _const(graph, g.name + "_scale", 1 / 255, np.float32), _const(graph, g.name + "_zero_point", 0, np.uint8)
-        q = _node(graph, "QuantizeLinear", g.name + "_quantized", [g, scale, zero], dtype=np.uint8, shape=g.shape)
-        mul.inputs[i] = _node(graph, "DequantizeLinear", g.name + "_dequantized", [q, scale, zero], shape=g.shape)
-        count += 1
+        if _dequantized(mul.inputs[kinds.index("DequantizeLinear")]):
+            add_qdq(graph, mul.inputs[kinds.index("HardSigmoid")], scale=1 / 255, zero_point=0, readers={mul.name})
+            count += 1
     return count

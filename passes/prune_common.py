@@ -7,7 +7,7 @@ the patch sum and count (for least-squares refits with an intercept).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs

@@ -3,7 +3,6 @@ the input file untouched."""
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 
 from compiler.errors import ModelLoadError
 from compiler.ir import Module
-from graphs import conv_bn_model, init, model, outputs_close, rand
+from graphs import conv_bn_model, model, outputs_close, rand
 
 
 def test_round_trip_keeps_opset_metadata_and_names(tmp_path):

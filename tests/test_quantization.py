@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler.api import compile_model
 from compiler.observers import TensorObserver, choose_range, histogram_mse, quant_params
-from graphs import conv_bn_model, init, model, rand
+from graphs import init, model, rand
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -180,3 +180,4 @@ def test_conv_read_by_a_float_op_still_fuses_into_qlinearconv(tmp_path):
     ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
     # conv1 and se run as QLinearConv; conv2 writes the float graph output, so it has no Q to fuse with
     assert ops.count("QLinearConv") == 2 and "FusedConv" not in ops, " ".join(ops)
+    assert "QLinearMul" in ops and "Mul" not in ops, " ".join(ops)  # int8-hardswish quantized the [0, 1] gate
