@@ -10,6 +10,7 @@ from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_shift, layer_statistics, prunable_layers, weight_rows
+from passes.prune_refit import refit_layer
 from passes.prune_sensitivity import measured_curves
 from passes.prune_sparse import error_curve, sparse_prune_layer
 
@@ -24,7 +25,8 @@ class Prune(Pass):
     sparse: zero individual weights (shapes unchanged) in the target's pattern with optimal-brain-surgeon
     updates of the remaining weights on H = XᵀX from calibration activations (see prune_sparse), the mean
     output shift moved into the bias; per-layer sparsity comes from the model's measured output error when
-    each layer alone is pruned at several sparsities (allocation=measured, see prune_sensitivity).
+    each layer alone is pruned at several sparsities (allocation=measured, see prune_sensitivity); then every
+    pruned layer is refit in order on the pruned model's own inputs (refit=true, see prune_refit).
     channel: remove whole output channels as the dependency analysis allows (see prune_channel).
     Guarantees: the achieved fraction of zero (sparse) or removed (channel) prunable weights equals `ratio`
     within rounding, or an UnsupportedModelError says which part cannot be pruned; per-layer facts go to
@@ -44,6 +46,8 @@ class Prune(Pass):
         "allocation": Option(str, "measured", "sparse obs: per-layer sparsity from the model's measured output error "
                              "(measured) or from each layer's own estimated error, within ±0.1 of ratio (estimated)",
                              choices=("measured", "estimated")),
+        "refit": Option(bool, True, "sparse obs: then refit each pruned layer in order on the pruned model's own "
+                        "inputs, residual branches matching the float sum (sequential least squares)"),
     }
 
     def run(self, module, ctx) -> bool:
@@ -76,6 +80,7 @@ class Prune(Pass):
         total = sum(int(np.asarray(node.inputs[1].values).size) for node in layers)
         uniform = n_m is not None or self.method == "magnitude"
         ratios = {n.name: self.ratio for n in layers} if uniform else self._allocate(module, ctx, layers, stats, n_m)
+        dense = module.to_proto() if stats and self.refit else None
         zeros = 0
         for node in layers:
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
@@ -87,8 +92,21 @@ class Prune(Pass):
             if ctx is not None:
                 ctx.layer(node.name, sparsity=float(np.mean(new_w == 0)), params_before=int(weight.size),
                           params_after=int(np.count_nonzero(new_w)), prune_refit=info)
+        if dense is not None:
+            self._refit(module, ctx, layers, dense)
         return {"method": self.method, "pattern": pattern, "prunable_weights": total, "zero_weights": zeros,
                 "achieved_ratio": round(zeros / max(total, 1), 4), "layers": len(layers)}
+
+    @staticmethod
+    def _refit(module, ctx, layers, dense) -> None:
+        seed = ctx.options.get("seed", 0) if ctx.options else 0
+        with ctx.progress("Refitting pruned layers in order", len(layers)) as advance:
+            for node in layers:
+                facts = refit_layer(node, module.graph, dense, module.to_proto(), ctx.calib, seed)
+                if facts is not None:
+                    ctx.layer(node.name, prune_refit_error={k: round(v, 5) if isinstance(v, float) else v
+                                                            for k, v in facts.items()})
+                advance(1)
 
     def _allocate(self, module, ctx, layers, stats, n_m) -> dict[str, float]:
         sizes = {n.name: int(np.asarray(n.inputs[1].values).size) for n in layers}

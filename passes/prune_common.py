@@ -97,8 +97,13 @@ def bias_shift(node: gs.Node, old_w: np.ndarray, new_w: np.ndarray, st: LayerSta
     return np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
 
 
-def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
-    """Rows of the layer's input matching `weight_rows` columns, shaped [n, groups, d]; None when unsupported."""
+def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator,
+                 positions: list | None = None) -> np.ndarray | None:
+    """Rows of the layer's input matching `weight_rows` columns, shaped [n, groups, d]; None when unsupported.
+
+    A Conv keeps at most POSITIONS_PER_SAMPLE random output positions per sample; with `positions` given, the
+    flat output positions kept for each sample are appended to it (so outputs can be read at the same places).
+    """
     if node.op in ("Gemm", "MatMul"):
         return x.reshape(-1, 1, x.shape[-1])
     if node.op != "Conv" or x.ndim != 4:
@@ -127,6 +132,8 @@ def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.n
     rows = []
     for i in range(n):
         pos = np.sort(rng.choice(ho * wo, size=take, replace=False)) if take < ho * wo else np.arange(ho * wo)
+        if positions is not None:
+            positions.append(pos)
         patches = win[i][:, pos // wo, pos % wo]                       # C, P, kh, kw
         rows.append(patches.transpose(1, 0, 2, 3))                     # P, C, kh, kw
     patches = np.concatenate(rows)                                     # N*P, C, kh, kw

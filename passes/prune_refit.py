@@ -1,0 +1,151 @@
+"""Sequential least-squares refit of pruned layers on the pruned model's own activations.
+
+Each layer is pruned on the float model's activations (see prune_sparse), but in the pruned model a layer
+reads inputs already changed by the layers before it, and a branch that ends in a residual Add is summed
+with a partner that carries its own error. This step walks the pruned layers in topological order and, for
+each one, on the calibration data, takes
+
+  X, the layer's input in the pruned model as refit so far, and
+  T, the layer's output in the float model, plus, when the layer's output is read only by an Add, the float
+     minus the pruned value of the Add's other input (so the sum matches the float model, not the branch),
+
+then replaces every output's kept weights and the bias by the ridge least-squares solution of
+min ‖w·X + b − T‖² + λ‖w − w₀‖² over the kept weights: pruned weights stay zero, so the sparsity is unchanged
+and the layer's error on the calibration rows never grows (w₀ itself is a candidate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from compiler.activations import stream_activations
+from compiler.rewrite import add_to_bias
+from passes.prune_common import layer_inputs, rows_to_weight, weight_rows
+
+RIDGE = 0.1  # λ as a fraction of the mean diagonal of XᵀX
+
+
+@dataclass
+class _Normal:
+    """Normal equations of one layer, per group: [X 1]ᵀ[X 1], [X 1]ᵀT, Σ T², Σ T and the row count."""
+
+    xx: np.ndarray
+    xt: np.ndarray
+    tt: np.ndarray
+    ts: np.ndarray
+    count: int = 0
+
+    @classmethod
+    def empty(cls, groups: int, d: int, outputs: int) -> "_Normal":
+        return cls(np.zeros((groups, d, d)), np.zeros((groups, d, outputs)), np.zeros((groups, outputs)),
+                   np.zeros((groups, outputs)))
+
+    def add(self, x: np.ndarray, t: np.ndarray) -> None:
+        """x: [n, groups, d], t: [n, groups, outputs per group]."""
+        xg, tg = x.transpose(1, 2, 0), t.transpose(1, 0, 2)  # groups, d, n / groups, n, outputs
+        self.xx += np.matmul(xg, xg.transpose(0, 2, 1))
+        self.xt += np.matmul(xg, tg)
+        self.tt += np.einsum("gno,gno->go", tg, tg)
+        self.ts += tg.sum(axis=1)
+        self.count += x.shape[0]
+
+
+def _has_bias_input(node: gs.Node) -> bool:
+    """Whether the layer's output can take a per-output constant: Conv, or a Gemm with beta = 1."""
+    if node.op == "Gemm" and node.attrs.get("beta", 1.0) != 1.0:
+        return False
+    return node.op in ("Conv", "Gemm") and (len(node.inputs) < 3 or isinstance(node.inputs[2], gs.Constant))
+
+
+def residual_partner(graph: gs.Graph, node: gs.Node) -> str | None:
+    """The other input of the Add that is the only reader of the layer's output, when it is a computed tensor."""
+    out = node.outputs[0]
+    if out in graph.outputs or len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None
+    others = [t for t in out.outputs[0].inputs if t is not out]
+    if len(others) != 1 or isinstance(others[0], gs.Constant):
+        return None
+    return others[0].name
+
+
+def _output_rows(node: gs.Node, y: np.ndarray, positions: list, groups: int) -> np.ndarray:
+    """The layer's output at the rows `layer_inputs` kept, shaped [n, groups, outputs per group]."""
+    if node.op == "Conv":
+        c = y.shape[1]
+        rows = np.concatenate([y[i].reshape(c, -1)[:, pos].T for i, pos in enumerate(positions)])
+    else:
+        rows = y.reshape(-1, y.shape[-1])
+    return rows.reshape(len(rows), groups, -1)
+
+
+def refit_layer(node: gs.Node, graph: gs.Graph, dense: onnx.ModelProto, pruned: onnx.ModelProto, calib,
+                seed: int = 0, ridge: float = RIDGE) -> dict | None:
+    """Refit one pruned layer in place (see the module docstring), `dense` and `pruned` being the float and the
+    current pruned model; the layer's output error on the calibration rows before and after, relative to the
+    variance of its target, or None when the layer's input layout is not supported."""
+    if node.op == "Gemm" and node.attrs.get("alpha", 1.0) != 1.0:
+        return None
+    weight = np.asarray(node.inputs[1].values)
+    rows = weight_rows(node, weight.astype(np.float64))
+    groups = node.attrs.get("group", 1) if node.op == "Conv" else 1
+    intercept = _has_bias_input(node)
+    bias = np.zeros(rows.shape[0])
+    if intercept and len(node.inputs) > 2:
+        bias = np.asarray(node.inputs[2].values, np.float64).reshape(-1)
+    partner = residual_partner(graph, node)
+    inp, out = node.inputs[0].name, node.outputs[0].name
+    extra = [partner] if partner else []
+    rng = np.random.default_rng(seed)
+    normal = None
+    for want, have in zip(stream_activations(dense, [out] + extra, calib, batch_size=8),
+                          stream_activations(pruned, [inp] + extra, calib, batch_size=8)):
+        positions: list = []
+        x = layer_inputs(node, np.asarray(have[inp], np.float32), rng, positions)
+        if x is None:
+            return None
+        target = want[out].astype(np.float64)
+        if partner:
+            shifted = target + (want[partner] - have[partner])
+            target = shifted if shifted.shape == target.shape else target
+        t = _output_rows(node, target, positions, groups)
+        if intercept:
+            x = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2)
+        if normal is None:
+            normal = _Normal.empty(groups, x.shape[2], t.shape[2])
+        normal.add(x.astype(np.float64), t)
+    if normal is None:
+        return None
+    new_rows, new_bias = rows.copy(), bias.copy()
+    before = after = 0.0
+    d = rows.shape[1]
+    per_group = rows.shape[0] // groups
+    for g in range(groups):
+        xx, xt = normal.xx[g], normal.xt[g]
+        lam = ridge * max(float(np.mean(np.diag(xx)[:d])), 1e-12)
+        for r in range(per_group):
+            o = g * per_group + r
+            keep = np.flatnonzero(rows[o])
+            w0 = rows[o, keep]
+            if intercept:
+                keep, w0 = np.append(keep, d), np.append(w0, bias[o])
+            if keep.size == 0:
+                continue
+            a = xx[np.ix_(keep, keep)]
+            w = np.linalg.solve(a + lam * np.eye(keep.size), xt[keep, r] + lam * w0)
+            before += float(w0 @ a @ w0 - 2 * w0 @ xt[keep, r])
+            after += float(w @ a @ w - 2 * w @ xt[keep, r])
+            if intercept:
+                w, new_bias[o] = w[:-1], w[-1]
+            new_rows[o, keep[: w.size]] = w
+    tt = float(normal.tt.sum())
+    variance = max(tt - float(np.sum(normal.ts**2)) / max(normal.count, 1), 1e-30)
+    node.inputs[1] = gs.Constant(node.inputs[1].name + "_refit", rows_to_weight(node, new_rows, weight.shape)
+                                 .astype(weight.dtype))
+    if intercept:
+        add_to_bias(graph, node, new_bias - bias)
+    return {"error_before": (before + tt) / variance, "error_after": (after + tt) / variance,
+            "residual": bool(partner)}
