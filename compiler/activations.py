@@ -26,15 +26,42 @@ def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return model
 
 
+def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `proto` whose outputs are the tensors `names`, keeping only the nodes they depend on (all
+    nodes when one of those has a subgraph, whose outer-scope reads are not listed as inputs)."""
+    model = with_outputs(proto, names)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    needed, stack = set(), list(names)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in needed:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return with_outputs(proto, names)
+        needed.add(id(node))
+        stack.extend(i for i in node.input if i)
+    kept = [node for node in model.graph.node if id(node) in needed]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {i for node in kept for i in node.input}
+    inits = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    return model
+
+
 def stream_activations(proto: onnx.ModelProto, names: list[str], calib, batch_size: int = 16,
                        max_samples: int | None = None, progress=None) -> Iterator[dict[str, np.ndarray]]:
     """Yield, per calibration batch, {tensor name: value} for the requested tensors.
 
-    One onnxruntime session serves every batch (requested tensors are graph outputs, so onnxruntime's
-    optimizations keep them; its memory arena is off so memory is returned after each batch).
+    One onnxruntime session serves every batch; it runs only the nodes the requested tensors depend on (they
+    are its outputs, so onnxruntime's optimizations keep them; its memory arena is off so memory is returned
+    after each batch).
     `progress(n)` is called with each batch size.
     """
-    sess = make_session(with_outputs(proto, names), arena=False)
+    sess = make_session(producing(proto, names), arena=False)
     inputs = {i.name for i in sess.get_inputs()}
     seen = 0
     for batch in calib.batches(batch_size):

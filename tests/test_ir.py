@@ -67,3 +67,21 @@ def test_infer_shapes_fills_intermediate_shapes():
     relu = next(n for n in module.graph.nodes if n.op == "Relu")
     assert list(relu.outputs[0].shape) == [1, 8, 16, 16]
     assert np.dtype(relu.outputs[0].dtype) == np.float32
+
+
+def test_producing_keeps_only_the_needed_nodes_and_their_values():
+    """The model stream_activations runs for an intermediate tensor: fewer nodes, the same values as the
+    whole model in onnxruntime (sample ResNet, its third node's output and a later one together)."""
+    from pathlib import Path
+
+    from compiler.activations import producing, with_outputs
+    from compiler.runtime import run_model
+
+    proto = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "mnist_resnet.onnx"))
+    names = [proto.graph.node[2].output[0], proto.graph.node[6].output[0]]
+    small = producing(proto, names)
+    assert len(small.graph.node) <= 7 < len(proto.graph.node)
+    assert [o.name for o in small.graph.output] == names
+    x = {"input": rand(4, 1, 28, 28)}
+    for a, b in zip(run_model(small, x), run_model(with_outputs(proto, names), x)[-2:]):
+        np.testing.assert_array_equal(a, b)
