@@ -43,6 +43,8 @@ def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         needed.add(id(node))
         stack.extend(i for i in node.input if i)
     kept = [node for node in model.graph.node if id(node) in needed]
+    if not kept:  # only inputs or constants asked for: onnxruntime cannot run an empty graph
+        return with_outputs(proto, names)
     del model.graph.node[:]
     model.graph.node.extend(kept)
     used = {i for node in kept for i in node.input}
