@@ -95,7 +95,9 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: onnx.ModelProto, pruned: 
     intercept = _has_bias_input(node)
     bias = np.zeros(rows.shape[0])
     if intercept and len(node.inputs) > 2:
-        bias = np.asarray(node.inputs[2].values, np.float64).reshape(-1)
+        given = np.asarray(node.inputs[2].values, np.float64).reshape(-1)
+        intercept = given.size == bias.size  # a broadcast scalar bias stays as it is
+        bias = given if intercept else bias
     partner = residual_partner(graph, node)
     inp, out = node.inputs[0].name, node.outputs[0].name
     extra = [partner] if partner else []
