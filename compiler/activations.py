@@ -28,7 +28,8 @@ def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `proto` whose outputs are the tensors `names`, keeping only the nodes they depend on (all
-    nodes when one of those has a subgraph, whose outer-scope reads are not listed as inputs)."""
+    nodes when one of those has a subgraph, whose outer-scope reads are not listed as inputs, or when no node
+    is needed, as onnxruntime cannot run an empty graph)."""
     model = with_outputs(proto, names)
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names))
@@ -43,7 +44,7 @@ def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         needed.add(id(node))
         stack.extend(i for i in node.input if i)
     kept = [node for node in model.graph.node if id(node) in needed]
-    if not kept:  # only inputs or constants asked for: onnxruntime cannot run an empty graph
+    if not kept:
         return with_outputs(proto, names)
     del model.graph.node[:]
     model.graph.node.extend(kept)
