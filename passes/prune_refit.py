@@ -86,7 +86,8 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: onnx.ModelProto, pruned: 
                 seed: int = 0, ridge: float = RIDGE) -> dict | None:
     """Refit one pruned layer in place (see the module docstring), `dense` and `pruned` being the float and the
     current pruned model; the layer's output error on the calibration rows before and after, relative to the
-    variance of its target, or None when the layer's input layout is not supported."""
+    variance of its target, or None (layer unchanged) when its input layout is not supported or the Add's other
+    input would broadcast it."""
     if node.op == "Gemm" and node.attrs.get("alpha", 1.0) != 1.0:
         return None
     weight = np.asarray(node.inputs[1].values)
@@ -112,7 +113,9 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: onnx.ModelProto, pruned: 
         target = want[out].astype(np.float64)
         if partner:
             shifted = target + (want[partner] - have[partner])
-            target = shifted if shifted.shape == target.shape else target
+            if shifted.shape != target.shape:  # the partner broadcasts the branch: leave the sum alone
+                return None
+            target = shifted
         t = _output_rows(node, target, positions, groups)
         if intercept:
             x = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2)
