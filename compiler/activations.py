@@ -30,7 +30,8 @@ def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `proto` whose outputs are the tensors `names`, keeping only the nodes they depend on (all
     nodes when one of those has a subgraph, whose outer-scope reads are not listed as inputs, or when no node
     is needed, as onnxruntime cannot run an empty graph)."""
-    model = with_outputs(proto, names)
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names))
     producer = {out: node for node in model.graph.node for out in node.output}

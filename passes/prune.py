@@ -104,8 +104,8 @@ class Prune(Pass):
             for node in layers:
                 facts = refit_layer(node, module.graph, dense, module.to_proto(), ctx.calib, seed)
                 if facts is not None:
-                    ctx.layer(node.name, prune_refit_error={k: round(v, 5) if isinstance(v, float) else v
-                                                            for k, v in facts.items()})
+                    ctx.layer(node.name, sequential_refit={k: round(v, 5) if isinstance(v, float) else v
+                                                           for k, v in facts.items()})
                 advance(1)
 
     def _allocate(self, module, ctx, layers, stats, n_m) -> dict[str, float]:

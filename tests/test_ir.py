@@ -1,12 +1,16 @@
 """The IR keeps what ONNX keeps (opset, metadata, names), saves valid models and prints deterministically."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from compiler.activations import producing, with_outputs
 from compiler.errors import ModelLoadError
 from compiler.ir import Module
+from compiler.runtime import run_model
 from graphs import conv_bn_model, model, outputs_close, rand
 
 
@@ -72,11 +76,6 @@ def test_infer_shapes_fills_intermediate_shapes():
 def test_producing_keeps_only_the_needed_nodes_and_their_values():
     """The model stream_activations runs for an intermediate tensor: fewer nodes, the same values as the
     whole model in onnxruntime (sample ResNet, its third node's output and a later one together)."""
-    from pathlib import Path
-
-    from compiler.activations import producing, with_outputs
-    from compiler.runtime import run_model
-
     proto = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "mnist_resnet.onnx"))
     names = [proto.graph.node[2].output[0], proto.graph.node[6].output[0]]
     small = producing(proto, names)
