@@ -45,10 +45,12 @@ class _Normal:
                    np.zeros((groups, outputs)))
 
     def add(self, x: np.ndarray, t: np.ndarray) -> None:
-        """x: [n, groups, d], t: [n, groups, outputs per group]."""
-        xg, tg = x.transpose(1, 2, 0), t.transpose(1, 0, 2)  # groups, d, n / groups, n, outputs
+        """x: [n, groups, d], t: [n, groups, outputs per group]; one batch's products in float32, accumulated in
+        float64 across batches."""
+        xg = np.ascontiguousarray(x.transpose(1, 2, 0), dtype=np.float32)  # groups, d, n
+        tg = t.transpose(1, 0, 2)                                            # groups, n, outputs
         self.xx += np.matmul(xg, xg.transpose(0, 2, 1))
-        self.xt += np.matmul(xg, tg)
+        self.xt += np.matmul(xg, tg.astype(np.float32))
         self.tt += np.einsum("gno,gno->go", tg, tg)
         self.ts += tg.sum(axis=1)
         self.count += x.shape[0]
@@ -121,7 +123,7 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: onnx.ModelProto, pruned: 
             x = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2)
         if normal is None:
             normal = _Normal.empty(groups, x.shape[2], t.shape[2])
-        normal.add(x.astype(np.float64), t)
+        normal.add(x, t)
     if normal is None:
         return None
     new_rows, new_bias = rows.copy(), bias.copy()
