@@ -2,7 +2,7 @@
 
 For each model, ratio R and mode (sparse / channel), the float model is pruned by the pipeline
 `<lossless passes>,prune{ratio=R,mode=M,method=obs|magnitude}` in its own process (wall time and peak
-memory are that process's), then evaluated here: accuracy on the evaluation split, remaining parameters
+memory are that process's), then evaluated here: accuracy on the evaluation split, arg-max agreement with the unpruned model, remaining parameters
 (non-zero weights), MACs (sparse: MACs of non-zero weights), model size and onnxruntime latency
 (median, ratio to the unpruned model measured in the same run).
 
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
-from ptq import latency_ms  # noqa: E402
+from ptq import evaluate, latency_ms  # noqa: E402
 
 LOSSLESS = ("upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,fuse-conv-bn,fuse-conv-add,"
             "fuse-pad-conv,fuse-matmul-add,fuse-hardswish")
@@ -80,8 +80,9 @@ def main() -> None:
             params0, macs0, _ = weights_and_macs(base_pkg)
             base_latency = latency_ms(base_pkg / "model.onnx", task, args.repeats)
             sess = ort.InferenceSession(str(base_pkg / "model.onnx"), providers=["CPUExecutionProvider"])
-            fp32_acc = task.score(datasets.run_task(sess, task), task.eval_y)
-            rows.append({"model": name, "mode": "-", "ratio": 0.0, "method": "float", "acc": fp32_acc, "params": params0,
+            fp32_out = datasets.run_task(sess, task)
+            rows.append({"model": name, "mode": "-", "ratio": 0.0, "method": "float", "acc": task.score(fp32_out, task.eval_y),
+                         "agree": 1.0, "params": params0,
                          "macs": macs0, "effective_macs": macs0, "size_kb": (base_pkg / "model.onnx").stat().st_size / 1024,
                          "latency_ms": base_latency, "speedup": 1.0, **base})
             print(_fmt(rows[-1]), flush=True)
@@ -93,8 +94,7 @@ def main() -> None:
                         row = {"model": name, "mode": mode, "ratio": ratio, "method": method,
                                **compile_one(task, calib_path, pkg, pipeline)}
                         if "error" not in row:
-                            sess = ort.InferenceSession(str(pkg / "model.onnx"), providers=["CPUExecutionProvider"])
-                            row["acc"] = task.score(datasets.run_task(sess, task), task.eval_y)
+                            row.update(evaluate(pkg / "model.onnx", task, fp32_out))
                             row["params"], row["macs"], row["effective_macs"] = weights_and_macs(pkg)
                             row["size_kb"] = (pkg / "model.onnx").stat().st_size / 1024
                             row["latency_ms"] = latency_ms(pkg / "model.onnx", task, args.repeats)
@@ -111,19 +111,20 @@ def _fmt(r) -> str:
     head = f"{r['model']:20s} {r['mode']:7s} R={r['ratio']:.1f} {r['method']:9s}"
     if "error" in r:
         return f"{head} FAILED: {r['error']}"
-    return (f"{head} acc {r['acc']*100:6.2f}% params {r['params']:>9,} MACs {r['macs']:>12,} (non-zero {r['effective_macs']:>12,}) "
+    return (f"{head} acc {r['acc']*100:6.2f}% agree {r['agree']*100:6.2f}% params {r['params']:>9,} MACs {r['macs']:>12,} (non-zero {r['effective_macs']:>12,}) "
             f"size {r['size_kb']:7.0f} KB latency {r['latency_ms']:.3f} ms (x{r['speedup']:.2f}) "
             f"prune time {r['seconds']:.1f}s peak {r['peak_mb']:.0f} MB")
 
 
 def table(rows) -> str:
-    lines = ["| model | mode | R | method | top-1 | non-zero params | MACs (non-zero) | size | latency | pruning time | peak memory |",
-             "|" + "---|" * 11]
+    lines = ["| model | mode | R | method | top-1 | agreement with fp32 | non-zero params | MACs (non-zero) | size | latency "
+             "| pruning time | peak memory |",
+             "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']} | {r['method']} | FAILED: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']} | {r['method']} | FAILED: {r['error']} | | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']} | {r['method']} | {r['acc']*100:.2f}% | {r['params']:,} | "
+        lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']} | {r['method']} | {r['acc']*100:.2f}% | {r['agree']*100:.2f}% | {r['params']:,} | "
                      f"{r['macs']:,} ({r['effective_macs']:,}) | {r['size_kb']:.0f} KB | {r['latency_ms']:.3f} ms "
                      f"(x{r['speedup']:.2f}) | {r['seconds']:.1f} s | {r['peak_mb']:.0f} MB |")
     return "\n".join(lines)
