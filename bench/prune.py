@@ -2,9 +2,9 @@
 
 For each model, ratio R and mode (sparse / channel), the float model is pruned by the pipeline
 `<lossless passes>,prune{ratio=R,mode=M,method=obs|magnitude}` in its own process (wall time and peak
-memory are that process's), then evaluated here: accuracy on the evaluation split, arg-max agreement with the unpruned model, remaining parameters
-(non-zero weights), MACs (sparse: MACs of non-zero weights), model size and onnxruntime latency
-(median, ratio to the unpruned model measured in the same run).
+memory are that process's), then evaluated here: accuracy on the evaluation split, arg-max agreement with
+the unpruned model, remaining parameters (non-zero weights), MACs (sparse: MACs of non-zero weights), model
+size and onnxruntime latency (median, ratio to the unpruned model measured in the same run).
 
     python bench/prune.py
     python bench/prune.py --models mnist_resnet --ratios 0.5 --modes sparse
@@ -111,7 +111,8 @@ def _fmt(r) -> str:
     head = f"{r['model']:20s} {r['mode']:7s} R={r['ratio']:.1f} {r['method']:9s}"
     if "error" in r:
         return f"{head} FAILED: {r['error']}"
-    return (f"{head} acc {r['acc']*100:6.2f}% agree {r['agree']*100:6.2f}% params {r['params']:>9,} MACs {r['macs']:>12,} (non-zero {r['effective_macs']:>12,}) "
+    return (f"{head} acc {r['acc']*100:6.2f}% agree {r['agree']*100:6.2f}% params {r['params']:>9,} MACs {r['macs']:>12,} "
+            f"(non-zero {r['effective_macs']:>12,}) "
             f"size {r['size_kb']:7.0f} KB latency {r['latency_ms']:.3f} ms (x{r['speedup']:.2f}) "
             f"prune time {r['seconds']:.1f}s peak {r['peak_mb']:.0f} MB")
 
