@@ -56,6 +56,48 @@ def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return model
 
 
+def downstream(proto: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]] | None:
+    """The part of `proto` that node `node_name` influences: that node and every node reading its results,
+    directly or not, as a model computing the graph outputs among them from the tensors they read from outside
+    (graph inputs and initializers kept as they are); with the names of those outside tensors that are computed
+    in `proto`, which become graph inputs. None when a node there holds a subgraph (its outer-scope reads are
+    not listed as inputs) or an outside tensor has no declared type."""
+    graph = proto.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    part, stack = set(), [node for node in graph.node if node.name == node_name][:1]
+    while stack:
+        node = stack.pop()
+        if id(node) in part:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        part.add(id(node))
+        stack.extend(r for out in node.output for r in readers.get(out, []))
+    kept = [node for node in graph.node if id(node) in part]
+    made = {out for node in kept for out in node.output}
+    outputs = [o for o in graph.output if o.name in made]
+    if not outputs:
+        return None
+    given = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    cut = list(dict.fromkeys(i for node in kept for i in node.input if i and i not in made and i not in given))
+    types = {v.name: v for v in graph.value_info}
+    if any(not types.get(name, onnx.ValueInfoProto()).type.tensor_type.elem_type for name in cut):
+        return None
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    read = {i for node in kept for i in node.input}
+    for field, keep in ((model.graph.node, kept), (model.graph.output, outputs),
+                        (model.graph.input, [i for i in graph.input if i.name in read] + [types[n] for n in cut]),
+                        (model.graph.initializer, [t for t in graph.initializer if t.name in read]),
+                        (model.graph.value_info, [v for v in graph.value_info if v.name in made])):
+        del field[:]
+        field.extend(keep)
+    return model, cut
+
+
 def stream_activations(proto: onnx.ModelProto, names: list[str], calib, batch_size: int = 16,
                        max_samples: int | None = None, progress=None) -> Iterator[dict[str, np.ndarray]]:
     """Yield, per calibration batch, {tensor name: value} for the requested tensors.

@@ -2,8 +2,9 @@
 
 For every prunable layer and a few sparsities, the layer alone is pruned (with the same OBS refit the pass
 uses) and the model runs on a handful of calibration samples; the curve is the relative squared error of
-all model outputs against the float model. One onnxruntime session serves every measurement: the prunable
-weights become graph inputs, so a measurement only feeds a different weight.
+all model outputs against the float model. The prunable weights become graph inputs, so one onnxruntime
+session serves every measurement of a layer by feeding a different weight; that session runs only the part of
+the model the layer influences, from the float model's tensors where that part begins.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from compiler.activations import downstream, stream_activations
 from compiler.runtime import make_session
 
 SAMPLES = 32
@@ -41,7 +43,8 @@ def measured_curves(proto: onnx.ModelProto, layers: list[gs.Node], calib,
     prune(node, ratio) gives the layer's new constant inputs (weight, bias) by tensor name."""
     originals = {t.name: np.asarray(t.values) for n in layers for t in n.inputs[1:3] if isinstance(t, gs.Constant)}
     names = set(originals)
-    sess = make_session(weights_as_inputs(proto, names), arena=False)
+    movable = weights_as_inputs(proto, names)
+    sess = make_session(movable, arena=False)
     model_inputs = {i.name for i in sess.get_inputs()} - names
     feeds, seen = [], 0
     for batch in calib.batches(16):
@@ -49,19 +52,37 @@ def measured_curves(proto: onnx.ModelProto, layers: list[gs.Node], calib,
         seen += len(next(iter(feeds[-1].values())))
         if seen >= samples:
             break
-    reference = [sess.run(None, {**f, **originals}) for f in feeds]
-    energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in reference for o in ref)
+    outputs = [o.name for o in sess.get_outputs()]
+    reference = [dict(zip(outputs, sess.run(None, {**f, **originals}))) for f in feeds]
+    energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in reference for o in ref.values())
     curves = {}
     for node in layers:
+        part_sess, part_feeds = _influenced_part(proto, movable, node.name, calib, feeds, seen) or (sess, feeds)
+        wanted = {i.name for i in part_sess.get_inputs()}
+        part_outputs = [o.name for o in part_sess.get_outputs()]
         errors = [0.0]
         for ratio in points:
             weights = {**originals, **prune(node, ratio)}
             err = 0.0
-            for f, ref in zip(feeds, reference):
-                for out, r in zip(sess.run(None, {**f, **weights}), ref):
-                    err += float(np.sum(np.square(out.astype(np.float64) - r)))
+            for f, ref in zip(part_feeds, reference):
+                values = part_sess.run(None, {k: v for k, v in {**f, **weights}.items() if k in wanted})
+                for name, out in zip(part_outputs, values):
+                    err += float(np.sum(np.square(out.astype(np.float64) - ref[name])))
             errors.append(err / max(energy, 1e-30))
         curves[node.name] = np.maximum.accumulate(np.array(errors))
         if progress is not None:
             progress(1)
     return np.array((0.0, *points)), curves
+
+
+def _influenced_part(proto, movable, node_name, calib, feeds, samples):
+    """(session, feeds per batch) running only the part of `movable` that `node_name` influences, its entry
+    tensors computed by the float `proto` on the same batches; None when the part cannot be cut out."""
+    part = downstream(movable, node_name)
+    if part is None:
+        return None
+    model, cut = part
+    if not cut:
+        return None
+    entries = list(stream_activations(proto, cut, calib, batch_size=16, max_samples=samples))
+    return make_session(model, arena=False), [{**f, **e} for f, e in zip(feeds, entries)]

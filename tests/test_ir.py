@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from compiler.activations import producing, with_outputs
+from compiler.activations import downstream, producing, with_outputs
 from compiler.errors import ModelLoadError
 from compiler.ir import Module
 from compiler.runtime import run_model
@@ -84,3 +84,33 @@ def test_producing_keeps_only_the_needed_nodes_and_their_values():
     x = {"input": rand(4, 1, 28, 28)}
     for a, b in zip(run_model(small, x), run_model(with_outputs(proto, names), x)[-2:]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_downstream_part_reproduces_the_outputs_from_its_entry_tensors():
+    """The part the sensitivity measurement runs for a layer inside a residual block (sample ResNet): it starts
+    at that layer, takes the block's skip tensor as an entry too, and fed the whole model's values of its
+    entries gives the whole model's outputs in onnxruntime."""
+    proto = onnx.shape_inference.infer_shapes(
+        onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "mnist_resnet.onnx")))
+    node = next(n for n in proto.graph.node if n.name == "/res1/b/b.0/Conv")
+    part, cut = downstream(proto, node.name)
+    assert set(cut) == {node.input[0], "/Relu_output_0"}
+    assert part.graph.node[0].name == node.name and len(part.graph.node) < len(proto.graph.node)
+    x = {"input": rand(4, 1, 28, 28)}
+    entries = dict(zip(cut, run_model(producing(proto, cut), x)))
+    np.testing.assert_allclose(run_model(part, entries)[0], run_model(proto, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_downstream_part_keeps_only_the_outputs_it_influences_and_refuses_subgraphs():
+    relu = helper.make_node("Relu", ["x"], ["a"], name="left")
+    neg = helper.make_node("Neg", ["x"], ["b"], name="right")
+    proto = model([relu, neg], [("x", TensorProto.FLOAT, [2])], [("a", TensorProto.FLOAT, [2]),
+                                                                 ("b", TensorProto.FLOAT, [2])])
+    part, cut = downstream(proto, "left")
+    assert [o.name for o in part.graph.output] == ["a"] and cut == [] and [i.name for i in part.graph.input] == ["x"]
+    branch = helper.make_graph([helper.make_node("Identity", ["a"], ["c"])], "g", [],
+                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
+    cond = helper.make_node("If", ["flag"], ["c"], name="if", then_branch=branch, else_branch=branch)
+    nested = model([relu, cond], [("x", TensorProto.FLOAT, [2]), ("flag", TensorProto.BOOL, [])],
+                   [("c", TensorProto.FLOAT, [2])])
+    assert downstream(nested, "left") is None
