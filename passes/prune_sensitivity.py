@@ -57,32 +57,30 @@ def measured_curves(proto: onnx.ModelProto, layers: list[gs.Node], calib,
     energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in reference for o in ref.values())
     curves = {}
     for node in layers:
-        part_sess, part_feeds = _influenced_part(proto, movable, node.name, calib, feeds, seen) or (sess, feeds)
+        variants = [{**originals, **prune(node, ratio)} for ratio in points]
+        part_sess, batches = _influenced_part(proto, movable, node.name, calib, feeds, seen) or (sess, iter(feeds))
         wanted = {i.name for i in part_sess.get_inputs()}
         part_outputs = [o.name for o in part_sess.get_outputs()]
-        errors = [0.0]
-        for ratio in points:
-            weights = {**originals, **prune(node, ratio)}
-            err = 0.0
-            for f, ref in zip(part_feeds, reference):
-                values = part_sess.run(None, {k: v for k, v in {**f, **weights}.items() if k in wanted})
-                for name, out in zip(part_outputs, values):
-                    err += float(np.sum(np.square(out.astype(np.float64) - ref[name])))
-            errors.append(err / max(energy, 1e-30))
-        curves[node.name] = np.maximum.accumulate(np.array(errors))
+        errors = np.zeros(len(points))
+        for feed, ref in zip(batches, reference):  # one batch of entry tensors held at a time
+            for i, weights in enumerate(variants):
+                values = part_sess.run(None, {k: v for k, v in {**feed, **weights}.items() if k in wanted})
+                errors[i] += sum(float(np.sum(np.square(out.astype(np.float64) - ref[name])))
+                                 for name, out in zip(part_outputs, values))
+        curves[node.name] = np.maximum.accumulate(np.concatenate([[0.0], errors / max(energy, 1e-30)]))
         if progress is not None:
             progress(1)
     return np.array((0.0, *points)), curves
 
 
 def _influenced_part(proto, movable, node_name, calib, feeds, samples):
-    """(session, feeds per batch) running only the part of `movable` that `node_name` influences, its entry
-    tensors computed by the float `proto` on the same batches; None when the part cannot be cut out."""
+    """(session, iterator of feeds per batch) running only the part of `movable` that `node_name` influences,
+    its entry tensors computed by the float `proto` on the same batches; None when it cannot be cut out."""
     part = downstream(movable, node_name)
     if part is None:
         return None
     model, cut = part
     if not cut:
         return None
-    entries = list(stream_activations(proto, cut, calib, batch_size=16, max_samples=samples))
-    return make_session(model, arena=False), [{**f, **e} for f, e in zip(feeds, entries)]
+    entries = stream_activations(proto, cut, calib, batch_size=16, max_samples=samples)
+    return make_session(model, arena=False), ({**f, **e} for f, e in zip(feeds, entries))
