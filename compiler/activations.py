@@ -26,6 +26,11 @@ def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return model
 
 
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    """Whether the node holds a subgraph (If/Loop/Scan bodies), whose outer-scope reads are not node inputs."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
 def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `proto` whose outputs are the tensors `names`, keeping only the nodes they depend on (all
     nodes when one of those has a subgraph, whose outer-scope reads are not listed as inputs, or when no node
@@ -40,7 +45,7 @@ def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         node = producer.get(stack.pop())
         if node is None or id(node) in needed:
             continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if _has_subgraph(node):
             return with_outputs(proto, names)
         needed.add(id(node))
         stack.extend(i for i in node.input if i)
@@ -72,7 +77,7 @@ def downstream(proto: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto,
         node = stack.pop()
         if id(node) in part:
             continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if _has_subgraph(node):
             return None
         part.add(id(node))
         stack.extend(r for out in node.output for r in readers.get(out, []))

@@ -80,7 +80,7 @@ def _influenced_part(proto, movable, node_name, calib, feeds, samples):
     if part is None:
         return None
     model, cut = part
-    if not cut:
-        return None
+    if not cut:  # the part reads graph inputs only
+        return make_session(model, arena=False), iter(feeds)
     entries = stream_activations(proto, cut, calib, batch_size=16, max_samples=samples)
     return make_session(model, arena=False), ({**f, **e} for f, e in zip(feeds, entries))

@@ -102,6 +102,8 @@ def test_downstream_part_reproduces_the_outputs_from_its_entry_tensors():
 
 
 def test_downstream_part_keeps_only_the_outputs_it_influences_and_refuses_subgraphs():
+    """A layer feeding one of two outputs: its part computes only that output (the other is unchanged by it);
+    an If node downstream makes it refuse, since its body's outer-scope reads are not listed as inputs."""
     relu = helper.make_node("Relu", ["x"], ["a"], name="left")
     neg = helper.make_node("Neg", ["x"], ["b"], name="right")
     proto = model([relu, neg], [("x", TensorProto.FLOAT, [2])], [("a", TensorProto.FLOAT, [2]),
