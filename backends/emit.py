@@ -20,6 +20,7 @@ from backends.report_html import render_report
 from backends.qdq_info import activation_quant_params, initializer_values, weight_quant_params
 from compiler.ir import save_proto
 from compiler.runtime import run_model
+from compiler.sparsity import reduction_axis, skippable_zeros
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 SAMPLE_BYTES = 64 << 20  # sample inputs shipped in a package for device-side checks
@@ -43,7 +44,7 @@ def build_descriptor(inp: PackageInputs) -> tuple[dict, list[str], dict]:
     model, target, ctx = inp.model, inp.target, inp.ctx
     part = partition(model, target)
     plan = plan_memory(model, target, part)
-    sparsity = weight_sparsity(model)
+    sparsity = weight_sparsity(model, int(target.sparsity.get("group_size", 1)))
     cost = estimate(model, target, part, sparsity)
     macs, params = count_macs(model), count_params(model)
     act_q, w_q = activation_quant_params(model), weight_quant_params(model)
@@ -162,8 +163,9 @@ def build_report(inp: PackageInputs, descriptor: dict, cost: dict) -> dict:
     }
 
 
-def weight_sparsity(model: onnx.ModelProto) -> dict[str, float]:
-    """Fraction of zero weights of every node with a weight (the first constant input after the data)."""
+def weight_sparsity(model: onnx.ModelProto, group_size: int = 1) -> dict[str, float]:
+    """Fraction of zero weights the accelerator can skip (see compiler.sparsity) of every node with a weight
+    (the first constant input after the data)."""
     consts = initializer_values(model)
     dq_source = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     out = {}
@@ -173,7 +175,10 @@ def weight_sparsity(model: onnx.ModelProto) -> dict[str, float]:
         name = dq_source.get(node.input[1], node.input[1])
         w = consts.get(name)
         if w is not None and w.ndim >= 2:
-            out[node.name] = float(np.count_nonzero(w == 0)) / max(w.size, 1)
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = reduction_axis(node.op_type, w.ndim, trans_b)
+            zeros = skippable_zeros(w, axis, group_size) if axis is not None else int(np.count_nonzero(w == 0))
+            out[node.name] = zeros / max(w.size, 1)
     return out
 
 

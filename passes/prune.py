@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
+from compiler.sparsity import reduction_axis, skippable_zeros
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_shift, layer_statistics, prunable_layers, weight_rows
 from passes.prune_refit import refit_layer
@@ -22,7 +23,8 @@ SPREAD = 0.1  # estimated allocation keeps each layer within this of the ratio
 class Prune(Pass):
     """Remove a fraction `ratio` of the prunable weights, after training, using calibration activations.
 
-    sparse: zero individual weights (shapes unchanged) in the target's pattern with optimal-brain-surgeon
+    sparse: zero individual weights (shapes unchanged) in the target's pattern and group size (whole groups of
+    consecutive input channels, the unit its zero-skipping sees; see compiler.sparsity) with optimal-brain-surgeon
     updates of the remaining weights on H = XᵀX from calibration activations (see prune_sparse), the mean
     output shift moved into the bias; per-layer sparsity comes from the model's measured output error when
     each layer alone is pruned at several sparsities (allocation=measured, see prune_sensitivity); then every
@@ -40,6 +42,8 @@ class Prune(Pass):
         "first_layer": Option(bool, False, "also prune the first Conv"),
         "classifier": Option(bool, False, "also prune the last Gemm/MatMul"),
         "pattern": Option(str, "", "sparse pattern: unstructured or N:M (default: the target's)"),
+        "group_size": Option(int, 0, "sparse: zero whole groups of this many consecutive input channels at one kernel "
+                             "position, the unit the accelerator skips (default: the target's)", minimum=0),
         "round_to": Option(int, 0, "keep channel counts a multiple of this (default: the target's)", minimum=0),
         "method": Option(str, "obs", "obs (data-driven choice and refit) or magnitude (the plain baseline)",
                          choices=("obs", "magnitude")),
@@ -76,26 +80,29 @@ class Prune(Pass):
         if pattern in ("none", ""):
             pattern = "unstructured"
         n_m = _parse_pattern(pattern)
+        group = self.group_size or (int(target.sparsity.get("group_size", 1)) if target is not None else 1)
         stats = layer_statistics(module, ctx, layers) if self.method == "obs" else {}
         total = sum(int(np.asarray(node.inputs[1].values).size) for node in layers)
         uniform = n_m is not None or self.method == "magnitude"
-        ratios = {n.name: self.ratio for n in layers} if uniform else self._allocate(module, ctx, layers, stats, n_m)
+        ratios = ({n.name: self.ratio for n in layers} if uniform
+                  else self._allocate(module, ctx, layers, stats, n_m, group))
         dense = module.to_proto() if stats and self.refit else None
         zeros = 0
         for node in layers:
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
-            new_w, info = sparse_prune_layer(node, weight, ratios[node.name], stats.get(node.name), n_m)
+            new_w, info = sparse_prune_layer(node, weight, ratios[node.name], stats.get(node.name), n_m, group)
             node.inputs[1] = gs.Constant(node.inputs[1].name + "_pruned", new_w.astype(weight.dtype))
             if stats.get(node.name) is not None:
                 add_to_bias(module.graph, node, bias_shift(node, weight, new_w, stats[node.name]))
-            zeros += int(np.count_nonzero(new_w == 0))
+            skipped = skippable_zeros(new_w, reduction_axis(node.op, new_w.ndim, node.attrs.get("transB", 0)), group)
+            zeros += skipped
             if ctx is not None:
-                ctx.layer(node.name, sparsity=float(np.mean(new_w == 0)), params_before=int(weight.size),
+                ctx.layer(node.name, sparsity=skipped / max(new_w.size, 1), params_before=int(weight.size),
                           params_after=int(np.count_nonzero(new_w)), prune_refit=info)
         if dense is not None:
             self._refit(module, ctx, layers, dense)
-        return {"method": self.method, "pattern": pattern, "prunable_weights": total, "zero_weights": zeros,
-                "achieved_ratio": round(zeros / max(total, 1), 4), "layers": len(layers)}
+        return {"method": self.method, "pattern": pattern, "group_size": group, "prunable_weights": total,
+                "zero_weights": zeros, "achieved_ratio": round(zeros / max(total, 1), 4), "layers": len(layers)}
 
     @staticmethod
     def _refit(module, ctx, layers, dense) -> None:
@@ -108,12 +115,12 @@ class Prune(Pass):
                                                            for k, v in facts.items()})
                 advance(1)
 
-    def _allocate(self, module, ctx, layers, stats, n_m) -> dict[str, float]:
+    def _allocate(self, module, ctx, layers, stats, n_m, group) -> dict[str, float]:
         sizes = {n.name: int(np.asarray(n.inputs[1].values).size) for n in layers}
         if self.allocation == "measured" and stats:
             def prune(node, ratio):
                 weight = np.asarray(node.inputs[1].values, dtype=np.float32)
-                new_w = sparse_prune_layer(node, weight, ratio, stats.get(node.name), n_m)[0]
+                new_w = sparse_prune_layer(node, weight, ratio, stats.get(node.name), n_m, group)[0]
                 out = {node.inputs[1].name: new_w}
                 if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.name in stats:
                     out[node.inputs[2].name] = (np.asarray(node.inputs[2].values, np.float64)

@@ -3,7 +3,8 @@
 Columns are processed left to right; in each block of columns the weights with the smallest
 w² / [H⁻¹]_jj of every row are zeroed and the error of each zeroed or kept weight is pushed onto the
 columns not yet processed through the Cholesky factor of H⁻¹, so the layer output on the calibration
-data changes as little as possible.
+data changes as little as possible. With a target group size g > 1 (see compiler.sparsity) the columns are
+reordered so each group's g weights sit side by side, and whole groups are chosen by their summed saliency.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from compiler.errors import UnsupportedModelError
+from compiler.sparsity import group_order
 from passes.prune_common import LayerStats, rows_to_weight, weight_rows
 from passes.second_order import inverse_hessian_factor
 
@@ -19,31 +22,55 @@ DAMP = 0.01
 
 
 def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: LayerStats | None,
-                       n_m: tuple[int, int] | None) -> tuple[np.ndarray, str]:
-    """The pruned weight (same shape, exactly round(ratio x size) zeros per row) and how it was refit."""
+                       n_m: tuple[int, int] | None, group_size: int = 1) -> tuple[np.ndarray, str]:
+    """The pruned weight (same shape, exactly round(ratio x groups) zeroed groups of `group_size` per row) and
+    how it was chosen."""
     rows = weight_rows(node, weight).astype(np.float64)
     groups = stats.groups if stats is not None else 1
     per_group = rows.shape[0] // groups
     out = np.empty_like(rows)
     method = "obs" if stats is not None else "magnitude"
+    if group_size > 1 and node.op == "ConvTranspose":
+        raise UnsupportedModelError(f"ConvTranspose '{node.name}': grouped sparsity (group size {group_size}) runs "
+                                    "across its output channels, which this pass cannot choose per output")
+    taps = int(np.prod(weight.shape[2:])) if node.op == "Conv" else 1
+    order = group_order(rows.shape[1] // taps, taps, group_size) if group_size > 1 else None
     for g in range(groups):
         block = rows[g * per_group:(g + 1) * per_group]
+        hessian = stats.hessians[g] if stats is not None else None
+        if order is not None:  # columns in group order; padding columns are zero and never fire
+            real = order >= 0
+            block = np.zeros((per_group, order.size))
+            block[:, real] = rows[g * per_group:(g + 1) * per_group, order[real]]
+            if stats is not None:
+                hessian = np.zeros((order.size, order.size))
+                hessian[np.ix_(real, real)] = stats.hessians[g][np.ix_(order[real], order[real])]
         if stats is None:
-            out[g * per_group:(g + 1) * per_group] = _magnitude(block, ratio, n_m)
+            pruned = _magnitude(block, ratio, n_m, group_size)
         else:
-            out[g * per_group:(g + 1) * per_group] = obs_prune(block, stats.hessians[g], ratio, n_m)
+            pruned = obs_prune(block, hessian, ratio, n_m, group_size)
+        if order is not None:
+            pruned = pruned[:, np.argsort(np.where(real, order, order.size))][:, :rows.shape[1]]
+        out[g * per_group:(g + 1) * per_group] = pruned
     return rows_to_weight(node, out, weight.shape).astype(np.float32), method
 
 
-def _magnitude(rows: np.ndarray, ratio: float, n_m) -> np.ndarray:
-    k = int(round(ratio * rows.shape[1]))
-    out = rows.copy()
+def _unit_mask(score: np.ndarray, k: int, n_m, group: int) -> np.ndarray:
+    """True where a weight goes: per row the k groups of `group` adjacent columns with the smallest summed
+    score, or the N:M pattern over groups."""
+    units = score.reshape(score.shape[0], -1, group).sum(axis=2)
     if n_m is not None:
-        return _n_m_mask(rows, np.abs(rows), n_m) * rows
-    if k:
-        idx = np.argsort(np.abs(rows), axis=1)[:, :k]
-        np.put_along_axis(out, idx, 0.0, axis=1)
-    return out
+        drop = _n_m_mask(units, units, n_m) == 0
+    else:
+        drop = np.zeros_like(units, dtype=bool)
+        if k:
+            np.put_along_axis(drop, np.argsort(units, axis=1)[:, :k], True, axis=1)
+    return np.repeat(drop, group, axis=1)
+
+
+def _magnitude(rows: np.ndarray, ratio: float, n_m, group: int = 1) -> np.ndarray:
+    k = int(round(ratio * rows.shape[1] / group))
+    return np.where(_unit_mask(rows**2, k, n_m, group), 0.0, rows)
 
 
 def _n_m_mask(rows, score, n_m):
@@ -57,27 +84,23 @@ def _n_m_mask(rows, score, n_m):
     return mask
 
 
-def obs_prune(rows: np.ndarray, hessian: np.ndarray, ratio: float, n_m=None) -> np.ndarray:
-    """Prune `rows` ([outputs, d]) to `ratio` zeros per row, compensating with H = Σ x xᵀ ([d, d])."""
+def obs_prune(rows: np.ndarray, hessian: np.ndarray, ratio: float, n_m=None, group: int = 1) -> np.ndarray:
+    """Prune `rows` ([outputs, d]) to `ratio` zeros per row, compensating with H = Σ x xᵀ ([d, d]); with
+    `group` > 1, d is a multiple of it and whole runs of `group` adjacent columns are zeroed."""
     w = rows.copy()
     d = w.shape[1]
     u, dead = inverse_hessian_factor(hessian, DAMP)  # H⁻¹ = Uᵀ U
     w[:, dead] = 0.0
-    k_total = int(round(ratio * d))
+    k_total = int(round(ratio * d / group))
+    step = max(group, BLOCK // group * group)
     mask = np.zeros_like(w, dtype=bool)  # True = pruned
-    for start in range(0, d, BLOCK):
-        end = min(start + BLOCK, d)
+    for start in range(0, d, step):
+        end = min(start + step, d)
         wb = w[:, start:end].copy()
         ub = u[start:end, start:end]
         saliency = wb**2 / (np.diag(ub)[None, :] ** 2)
-        if n_m is not None:
-            mb = _n_m_mask(wb, saliency, n_m) == 0
-        else:
-            k = int(round(k_total * end / d)) - int(round(k_total * start / d))  # exact total per row
-            mb = np.zeros_like(wb, dtype=bool)
-            if k:
-                idx = np.argsort(saliency, axis=1)[:, :k]
-                np.put_along_axis(mb, idx, True, axis=1)
+        k = int(round(k_total * end / d)) - int(round(k_total * start / d))  # exact total per row
+        mb = _unit_mask(saliency, k, n_m, group)
         mask[:, start:end] = mb
         err = np.zeros_like(wb)
         for j in range(end - start):
