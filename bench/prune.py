@@ -8,6 +8,7 @@ size and onnxruntime latency (median, ratio to the unpruned model measured in th
 
     python bench/prune.py
     python bench/prune.py --models mnist_resnet --ratios 0.5 --modes sparse
+    python bench/prune.py --models efficientnet_lite0 --ratios 0.5 --modes sparse --options group_size=4
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--modes", nargs="*", default=["sparse", "channel"])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--options", default="", help="more prune options for every run, e.g. group_size=4 or pattern=2:4")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import onnxruntime as ort
@@ -90,7 +92,8 @@ def main() -> None:
                 for ratio in args.ratios:
                     for method in ("obs", "magnitude"):
                         pkg = Path(tmp) / f"{name}_{mode}_{ratio}_{method}"
-                        pipeline = f"{LOSSLESS},prune{{ratio={ratio},mode={mode},method={method}}}"
+                        extra = f",{args.options}" if args.options else ""
+                        pipeline = f"{LOSSLESS},prune{{ratio={ratio},mode={mode},method={method}{extra}}}"
                         row = {"model": name, "mode": mode, "ratio": ratio, "method": method,
                                **compile_one(task, calib_path, pkg, pipeline)}
                         if "error" not in row:

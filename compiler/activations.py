@@ -31,33 +31,59 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `proto` whose outputs are the tensors `names`, keeping only the nodes they depend on (all
-    nodes when one of those has a subgraph, whose outer-scope reads are not listed as inputs, or when no node
-    is needed, as onnxruntime cannot run an empty graph)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    del model.graph.output[:]
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names))
-    producer = {out: node for node in model.graph.node for out in node.output}
-    needed, stack = set(), list(names)
+def _needed(proto: onnx.ModelProto, names: list[str], given=frozenset()) -> list[onnx.NodeProto] | None:
+    """The nodes of `proto` the tensors `names` depend on, not looking past the tensors `given`, in graph
+    order; None when one of them has a subgraph (its outer-scope reads are not listed as inputs)."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    needed, stack = set(), [n for n in names if n not in given]
     while stack:
         node = producer.get(stack.pop())
         if node is None or id(node) in needed:
             continue
         if _has_subgraph(node):
-            return with_outputs(proto, names)
+            return None
         needed.add(id(node))
-        stack.extend(i for i in node.input if i)
-    kept = [node for node in model.graph.node if id(node) in needed]
+        stack.extend(i for i in node.input if i and i not in given)
+    return [node for node in proto.graph.node if id(node) in needed]
+
+
+def _keep_nodes(proto: onnx.ModelProto, kept: list[onnx.NodeProto], names: list[str]) -> onnx.ModelProto:
+    """A copy of `proto` with only the nodes `kept`, the initializers they read and the outputs `names`."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    used = {i for node in kept for i in node.input}
+    for field, keep in ((model.graph.node, kept), (model.graph.output, [onnx.ValueInfoProto(name=n) for n in names]),
+                        (model.graph.initializer, [t for t in proto.graph.initializer if t.name in used])):
+        del field[:]
+        field.extend(keep)
+    return model
+
+
+def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `proto` whose outputs are the tensors `names`, keeping only the nodes they depend on (all
+    nodes when one of those has a subgraph, whose outer-scope reads are not listed as inputs, or when no node
+    is needed, as onnxruntime cannot run an empty graph)."""
+    names = list(dict.fromkeys(names))
+    kept = _needed(proto, names)
     if not kept:
         return with_outputs(proto, names)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    used = {i for node in kept for i in node.input}
-    inits = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+    return _keep_nodes(proto, kept, names)
+
+
+def between(proto: onnx.ModelProto, given: list[str], names: list[str]) -> onnx.ModelProto | None:
+    """A model computing the tensors `names` of `proto` from the tensors `given` (which become graph inputs,
+    beside the graph inputs still read), with only the nodes in between; None when a node there has a
+    subgraph, a given tensor has no declared type, or no node is needed."""
+    names = list(dict.fromkeys(names))
+    kept = _needed(proto, names, set(given))
+    types = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input)}
+    if not kept or any(not types.get(n, onnx.ValueInfoProto()).type.tensor_type.elem_type for n in given):
+        return None
+    model = _keep_nodes(proto, kept, names)
+    read = {i for node in kept for i in node.input}
+    inputs = [i for i in proto.graph.input if i.name in read and i.name not in given]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs + [types[n] for n in given if n in read])
     return model
 
 
@@ -125,3 +151,70 @@ def stream_activations(proto: onnx.ModelProto, names: list[str], calib, batch_si
         if progress is not None:
             progress(n)
         yield dict(zip(names, values))
+
+
+class CheckpointedStream:
+    """Intermediate tensors of a model over the whole calibration set, for a caller that walks the graph in
+    order: the values of the tensors live at a point of the graph (a checkpoint) are held in memory for every
+    batch, so a tensor further on costs only the nodes between that point and it. The checkpoint starts at the
+    model's inputs (read from the calibration set) and moves forward when the tensors live there fit `budget`
+    bytes (and no model input is read past it); the caller must not change nodes before it.
+    """
+
+    def __init__(self, calib, batch_size: int = 8, budget: int = 128 << 20):
+        self.calib, self.batch_size, self.budget = calib, batch_size, budget
+        self.names: list[str] = []
+        self.values: list[dict[str, np.ndarray]] = []
+
+    def stream(self, proto: onnx.ModelProto, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield, per calibration batch, {tensor name: value} for `names` (see `stream_activations`)."""
+        wanted = [n for n in names if n not in self.names]
+        if self.names and not wanted:
+            yield from ({n: cached[n] for n in names} for cached in self.values)
+            return
+        model = between(proto, self.names, wanted) if self.names else None
+        if model is None or any(n in {i.name for i in proto.graph.input} for n in wanted):
+            yield from stream_activations(proto, names, self.calib, self.batch_size)
+            return
+        sess = make_session(model, arena=False)
+        inputs = {i.name for i in sess.get_inputs()}
+        feeds = self.calib.batches(self.batch_size) if inputs - set(self.names) else ({} for _ in self.values)
+        for batch, cached in zip(feeds, self.values):
+            feed = {k: v for k, v in {**batch, **cached}.items() if k in inputs}
+            values = {**cached, **dict(zip(wanted, sess.run(wanted, feed)))}
+            yield {n: values[n] for n in names}
+
+    def advance(self, proto: onnx.ModelProto, last_node: str) -> bool:
+        """Move the checkpoint to just after node `last_node` of `proto` when the tensors live there fit the
+        budget; whether it moved."""
+        nodes = list(proto.graph.node)
+        done = next((i for i, n in enumerate(nodes) if n.name == last_node), None)
+        if done is None:
+            return False
+        inits = {t.name for t in proto.graph.initializer}
+        made = {o for n in nodes[:done + 1] for o in n.output}
+        later = {i for n in nodes[done + 1:] for i in n.input} | {o.name for o in proto.graph.output}
+        if {i.name for i in proto.graph.input} & later - inits:  # a model input read later: not cached
+            return False
+        live = sorted((made & later) - inits)
+        size = _bytes_per_sample(proto, live)
+        if not live or size is None or size * self.calib.num_samples > self.budget:
+            return False
+        self.values = list(self.stream(proto, live))
+        self.names = live
+        return True
+
+
+def _bytes_per_sample(proto: onnx.ModelProto, names: list[str]) -> int | None:
+    """Bytes of one sample of the tensors `names` (leading axis = batch), None when a shape is not known."""
+    types = {v.name: v.type.tensor_type for v in list(proto.graph.value_info) + list(proto.graph.input)}
+    total = 0
+    for name in names:
+        t = types.get(name)
+        if t is None or not t.elem_type or not t.HasField("shape"):
+            return None
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim[1:]]
+        if any(d is None for d in dims):
+            return None
+        total += int(np.prod(dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+    return total

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from compiler.activations import CheckpointedStream
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
@@ -107,12 +110,18 @@ class Prune(Pass):
     @staticmethod
     def _refit(module, ctx, layers, dense) -> None:
         seed = ctx.options.get("seed", 0) if ctx.options else 0
+        dense_acts, pruned_acts = CheckpointedStream(ctx.calib), CheckpointedStream(ctx.calib)
+        pruned = module.to_proto()
         with ctx.progress("Refitting pruned layers in order", len(layers)) as advance:
             for node in layers:
-                facts = refit_layer(node, module.graph, dense, module.to_proto(), ctx.calib, seed)
+                facts = refit_layer(node, module.graph, partial(dense_acts.stream, dense),
+                                    partial(pruned_acts.stream, pruned), seed)
                 if facts is not None:
                     ctx.layer(node.name, sequential_refit={k: round(v, 5) if isinstance(v, float) else v
                                                            for k, v in facts.items()})
+                    pruned = module.to_proto()
+                dense_acts.advance(dense, node.name)  # later layers' tensors are computed from here on
+                pruned_acts.advance(pruned, node.name)
                 advance(1)
 
     def _allocate(self, module, ctx, layers, stats, n_m, group) -> dict[str, float]:

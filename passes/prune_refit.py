@@ -16,13 +16,12 @@ and the layer's error on the calibration rows never grows (w₀ itself is a cand
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from compiler.activations import stream_activations
 from compiler.rewrite import add_to_bias
 from passes.prune_common import layer_inputs, rows_to_weight, weight_rows
 
@@ -84,12 +83,15 @@ def _output_rows(node: gs.Node, y: np.ndarray, positions: list, groups: int) -> 
     return rows.reshape(len(rows), groups, -1)
 
 
-def refit_layer(node: gs.Node, graph: gs.Graph, dense: onnx.ModelProto, pruned: onnx.ModelProto, calib,
-                seed: int = 0, ridge: float = RIDGE) -> dict | None:
-    """Refit one pruned layer in place (see the module docstring), `dense` and `pruned` being the float and the
-    current pruned model; the layer's output error on the calibration rows before and after, relative to the
-    variance of its target, or None (layer unchanged) when its input layout is not supported or the Add's other
-    input would broadcast it."""
+Activations = Callable[[list[str]], Iterator[dict[str, np.ndarray]]]
+
+
+def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Activations, seed: int = 0,
+                ridge: float = RIDGE) -> dict | None:
+    """Refit one pruned layer in place (see the module docstring), `dense(names)` and `pruned(names)` streaming
+    those tensors of the float and the current pruned model per calibration batch (the same batches); the
+    layer's output error on the calibration rows before and after, relative to the variance of its target, or
+    None (layer unchanged) when its input layout is not supported or the Add's other input would broadcast it."""
     if node.op == "Gemm" and node.attrs.get("alpha", 1.0) != 1.0:
         return None
     weight = np.asarray(node.inputs[1].values)
@@ -106,8 +108,7 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: onnx.ModelProto, pruned: 
     extra = [partner] if partner else []
     rng = np.random.default_rng(seed)
     normal = None
-    for want, have in zip(stream_activations(dense, [out] + extra, calib, batch_size=8),
-                          stream_activations(pruned, [inp] + extra, calib, batch_size=8)):
+    for want, have in zip(dense([out] + extra), pruned([inp] + extra)):
         positions: list = []
         x = layer_inputs(node, np.asarray(have[inp], np.float32), rng, positions)
         if x is None:

@@ -7,7 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from compiler.activations import downstream, producing, with_outputs
+from compiler.activations import CheckpointedStream, downstream, producing, stream_activations, with_outputs
+from compiler.api import input_specs
+from compiler.calib_data import load_calibration
 from compiler.errors import ModelLoadError
 from compiler.ir import Module
 from compiler.runtime import run_model
@@ -116,3 +118,40 @@ def test_downstream_part_keeps_only_the_outputs_it_influences_and_refuses_subgra
     nested = model([relu, cond], [("x", TensorProto.FLOAT, [2]), ("flag", TensorProto.BOOL, [])],
                    [("c", TensorProto.FLOAT, [2])])
     assert downstream(nested, "left") is None
+
+
+class CountingCalib:
+    """A calibration set that counts how often its batches are read."""
+
+    def __init__(self, calib):
+        self.calib, self.reads = calib, 0
+
+    def __getattr__(self, name):
+        return getattr(self.calib, name)
+
+    def batches(self, batch_size=16):
+        self.reads += 1
+        return self.calib.batches(batch_size)
+
+
+@pytest.mark.parametrize("budget", [64 << 20, 0])
+def test_checkpointed_stream_gives_the_whole_models_values_from_its_checkpoints(budget):
+    """Walking the sample ResNet's convs in order (as the sequential refit does), each conv's input and output
+    streamed from the latest checkpoint equal the values of a whole-model run, batch by batch; once the
+    checkpoint has moved past the first conv, the model input is not read again; with no budget it never moves."""
+    root = Path(__file__).resolve().parents[1]
+    module = Module.load(root / "models" / "mnist_resnet.onnx")
+    module.infer_shapes()
+    proto = module.to_proto()
+    calib = load_calibration(root / "models" / "mnist_calib.npz", input_specs(module), max_samples=40)
+    counted = CountingCalib(calib)
+    walk, moved = CheckpointedStream(counted, batch_size=8, budget=budget), []
+    for node in [n for n in proto.graph.node if n.op_type == "Conv"]:
+        reads = counted.reads
+        names = [node.input[0], node.output[0]]
+        for got, want in zip(walk.stream(proto, names), stream_activations(proto, names, calib, 8), strict=True):
+            for name in names:
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+        assert counted.reads == reads + (0 if walk.names else 1)
+        moved.append(walk.advance(proto, node.name))
+    assert all(moved) if budget else not any(moved)

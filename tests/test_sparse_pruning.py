@@ -10,6 +10,7 @@ from onnx import numpy_helper
 from onnx import TensorProto, helper
 
 from backends.emit import weight_sparsity
+from compiler.activations import stream_activations
 from compiler.api import compile_model, input_specs
 from compiler.calib_data import load_calibration
 from compiler.ir import Module
@@ -163,7 +164,10 @@ def refit_project(tmp_path, dense, pruned) -> tuple[dict, onnx.ModelProto]:
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((64, 4, 10, 10)).astype(np.float32))
     calib = load_calibration(tmp_path / "calib.npz", input_specs(module))
     node = next(n for n in module.graph.nodes if n.name == "project")
-    return refit_layer(node, module.graph, dense, module.to_proto(), calib), module.to_proto()
+    pruned = module.to_proto()
+    facts = refit_layer(node, module.graph, lambda names: stream_activations(dense, names, calib, 8),
+                        lambda names: stream_activations(pruned, names, calib, 8))
+    return facts, module.to_proto()
 
 
 @pytest.mark.parametrize("case", ["pruned branch", "partner off by 10%"])
