@@ -76,7 +76,7 @@ def between(proto: onnx.ModelProto, given: list[str], names: list[str]) -> onnx.
     subgraph, a given tensor has no declared type, or no node is needed."""
     names = list(dict.fromkeys(names))
     kept = _needed(proto, names, set(given))
-    types = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input)}
+    types = _declared(proto)
     if not kept or any(not types.get(n, onnx.ValueInfoProto()).type.tensor_type.elem_type for n in given):
         return None
     model = _keep_nodes(proto, kept, names)
@@ -173,7 +173,7 @@ class CheckpointedStream:
             yield from ({n: cached[n] for n in names} for cached in self.values)
             return
         model = between(proto, self.names, wanted) if self.names else None
-        if model is None or any(n in {i.name for i in proto.graph.input} for n in wanted):
+        if model is None or {i.name for i in proto.graph.input} & set(wanted):
             yield from stream_activations(proto, names, self.calib, self.batch_size)
             return
         sess = make_session(model, arena=False)
@@ -207,10 +207,10 @@ class CheckpointedStream:
 
 def _bytes_per_sample(proto: onnx.ModelProto, names: list[str]) -> int | None:
     """Bytes of one sample of the tensors `names` (leading axis = batch), None when a shape is not known."""
-    types = {v.name: v.type.tensor_type for v in list(proto.graph.value_info) + list(proto.graph.input)}
+    types = _declared(proto)
     total = 0
     for name in names:
-        t = types.get(name)
+        t = types[name].type.tensor_type if name in types else None
         if t is None or not t.elem_type or not t.HasField("shape"):
             return None
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim[1:]]
@@ -218,3 +218,9 @@ def _bytes_per_sample(proto: onnx.ModelProto, names: list[str]) -> int | None:
             return None
         total += int(np.prod(dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
     return total
+
+
+def _declared(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The declared type of every tensor that has one (value_info, graph inputs and outputs)."""
+    graph = proto.graph
+    return {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}

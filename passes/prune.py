@@ -112,8 +112,9 @@ class Prune(Pass):
         seed = ctx.options.get("seed", 0) if ctx.options else 0
         dense_acts, pruned_acts = CheckpointedStream(ctx.calib), CheckpointedStream(ctx.calib)
         pruned = module.to_proto()
+        position = {n.name: i for i, n in enumerate(pruned.graph.node)}  # the order the checkpoints move in
         with ctx.progress("Refitting pruned layers in order", len(layers)) as advance:
-            for node in layers:
+            for node in sorted(layers, key=lambda n: position.get(n.name, -1)):
                 facts = refit_layer(node, module.graph, partial(dense_acts.stream, dense),
                                     partial(pruned_acts.stream, pruned), seed)
                 if facts is not None:
