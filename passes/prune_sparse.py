@@ -34,6 +34,7 @@ def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: L
         raise UnsupportedModelError(f"ConvTranspose '{node.name}': grouped sparsity (group size {group_size}) runs "
                                     "across its output channels, which this pass cannot choose per output")
     taps = int(np.prod(weight.shape[2:])) if node.op == "Conv" else 1
+    group_size = min(group_size, rows.shape[1] // taps)  # fewer input channels (depthwise): one short group
     order = group_order(rows.shape[1] // taps, taps, group_size) if group_size > 1 else None
     for g in range(groups):
         block = rows[g * per_group:(g + 1) * per_group]
