@@ -31,8 +31,8 @@ def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: L
     out = np.empty_like(rows)
     method = "obs" if stats is not None else "magnitude"
     if group_size > 1 and node.op == "ConvTranspose":
-        raise UnsupportedModelError(f"ConvTranspose '{node.name}': grouped sparsity (group size {group_size}) runs "
-                                    "across its output channels, which this pass cannot choose per output")
+        raise UnsupportedModelError(f"ConvTranspose '{node.name}': grouped sparsity (group size {group_size}) groups "
+                                    "its input channels, the rows this pass prunes one at a time")
     taps = int(np.prod(weight.shape[2:])) if node.op == "Conv" else 1
     group_size = min(group_size, rows.shape[1] // taps)  # fewer input channels (depthwise): one short group
     order = group_order(rows.shape[1] // taps, taps, group_size) if group_size > 1 else None
