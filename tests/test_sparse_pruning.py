@@ -13,6 +13,7 @@ from backends.emit import weight_sparsity
 from compiler.activations import stream_activations
 from compiler.api import compile_model, input_specs
 from compiler.calib_data import load_calibration
+from compiler.errors import DrpcError
 from compiler.ir import Module
 from compiler.runtime import run_model
 from compiler.sparsity import skippable_zeros
@@ -192,3 +193,19 @@ def test_refit_layer_makes_a_residual_sum_match_the_float_model(tmp_path, case):
     before = np.linalg.norm(run_model(pruned, held_out)[0] - want)
     after = np.linalg.norm(run_model(refit, held_out)[0] - want)
     assert after < 0.8 * before, (case, before, after)
+
+
+def test_grouped_sparsity_on_a_conv_transpose_is_refused_naming_it(tmp_path):
+    """A ConvTranspose's input channels are the rows the pass prunes one at a time, so whole groups of them
+    cannot be chosen: the compile stops with one line naming the node instead of ignoring the group size."""
+    up = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2])
+    proto = model([up], [("x", TensorProto.FLOAT, [1, 8, 4, 4])], [("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                  [init("w", np.random.default_rng(0).standard_normal((8, 4, 2, 2)).astype(np.float32))])
+    onnx.save(proto, tmp_path / "up.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((8, 8, 4, 4)).astype(np.float32))
+    options = "ratio=0.5,mode=sparse,first_layer=true,group_size={}"
+    compile_model(tmp_path / "up.onnx", "rzv2h", tmp_path / "ok", calib=tmp_path / "calib.npz", force=True,
+                  verify=False, pipeline=f"prune{{{options.format(1)}}}")
+    with pytest.raises(DrpcError, match="ConvTranspose 'up': grouped sparsity \\(group size 4\\)"):
+        compile_model(tmp_path / "up.onnx", "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz", force=True,
+                      verify=False, pipeline=f"prune{{{options.format(4)}}}")
