@@ -47,16 +47,31 @@ def _needed(proto: onnx.ModelProto, names: list[str], given=frozenset()) -> list
     return [node for node in proto.graph.node if id(node) in needed]
 
 
-def _keep_nodes(proto: onnx.ModelProto, kept: list[onnx.NodeProto], names: list[str]) -> onnx.ModelProto:
-    """A copy of `proto` with only the nodes `kept`, the initializers they read and the outputs `names`."""
+def _part(proto: onnx.ModelProto, kept: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto],
+          inputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    """A copy of `proto` with only the nodes `kept`, the initializers and value_info that concern them, and
+    the given graph outputs and inputs."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    used = {i for node in kept for i in node.input}
-    for field, keep in ((model.graph.node, kept), (model.graph.output, [onnx.ValueInfoProto(name=n) for n in names]),
-                        (model.graph.initializer, [t for t in proto.graph.initializer if t.name in used])):
+    read = {i for node in kept for i in node.input}
+    made = {o for node in kept for o in node.output}
+    for field, keep in ((model.graph.node, kept), (model.graph.output, outputs), (model.graph.input, inputs),
+                        (model.graph.initializer, [t for t in proto.graph.initializer if t.name in read]),
+                        (model.graph.value_info, [v for v in proto.graph.value_info if v.name in made])):
         del field[:]
         field.extend(keep)
     return model
+
+
+def _declared(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The declared type of every tensor that has one (value_info, graph inputs and outputs)."""
+    graph = proto.graph
+    return {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+
+
+def _typed(types: dict[str, onnx.ValueInfoProto], names) -> bool:
+    """Whether every tensor of `names` has a declared element type (needed to make it a graph input)."""
+    return all(types.get(n, onnx.ValueInfoProto()).type.tensor_type.elem_type for n in names)
 
 
 def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -67,7 +82,7 @@ def producing(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     kept = _needed(proto, names)
     if not kept:
         return with_outputs(proto, names)
-    return _keep_nodes(proto, kept, names)
+    return _part(proto, kept, [onnx.ValueInfoProto(name=n) for n in names], list(proto.graph.input))
 
 
 def between(proto: onnx.ModelProto, given: list[str], names: list[str]) -> onnx.ModelProto | None:
@@ -77,14 +92,12 @@ def between(proto: onnx.ModelProto, given: list[str], names: list[str]) -> onnx.
     names = list(dict.fromkeys(names))
     kept = _needed(proto, names, set(given))
     types = _declared(proto)
-    if not kept or any(not types.get(n, onnx.ValueInfoProto()).type.tensor_type.elem_type for n in given):
+    if not kept or not _typed(types, given):
         return None
-    model = _keep_nodes(proto, kept, names)
     read = {i for node in kept for i in node.input}
     inputs = [i for i in proto.graph.input if i.name in read and i.name not in given]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs + [types[n] for n in given if n in read])
-    return model
+    return _part(proto, kept, [onnx.ValueInfoProto(name=n) for n in names],
+                 inputs + [types[n] for n in given if n in read])
 
 
 def downstream(proto: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]] | None:
@@ -114,19 +127,11 @@ def downstream(proto: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto,
         return None
     given = {t.name for t in graph.initializer} | {i.name for i in graph.input}
     cut = list(dict.fromkeys(i for node in kept for i in node.input if i and i not in made and i not in given))
-    types = {v.name: v for v in graph.value_info}
-    if any(not types.get(name, onnx.ValueInfoProto()).type.tensor_type.elem_type for name in cut):
+    types = _declared(proto)
+    if not _typed(types, cut):
         return None
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
     read = {i for node in kept for i in node.input}
-    for field, keep in ((model.graph.node, kept), (model.graph.output, outputs),
-                        (model.graph.input, [i for i in graph.input if i.name in read] + [types[n] for n in cut]),
-                        (model.graph.initializer, [t for t in graph.initializer if t.name in read]),
-                        (model.graph.value_info, [v for v in graph.value_info if v.name in made])):
-        del field[:]
-        field.extend(keep)
-    return model, cut
+    return _part(proto, kept, outputs, [i for i in graph.input if i.name in read] + [types[n] for n in cut]), cut
 
 
 def stream_activations(proto: onnx.ModelProto, names: list[str], calib, batch_size: int = 16,
@@ -173,7 +178,7 @@ class CheckpointedStream:
             yield from ({n: cached[n] for n in names} for cached in self.values)
             return
         model = between(proto, self.names, wanted) if self.names else None
-        if model is None or {i.name for i in proto.graph.input} & set(wanted):
+        if model is None or {i.name for i in proto.graph.input} & set(wanted):  # from the model inputs
             yield from stream_activations(proto, names, self.calib, self.batch_size)
             return
         sess = make_session(model, arena=False)
@@ -219,8 +224,3 @@ def _bytes_per_sample(proto: onnx.ModelProto, names: list[str]) -> int | None:
         total += int(np.prod(dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
     return total
 
-
-def _declared(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """The declared type of every tensor that has one (value_info, graph inputs and outputs)."""
-    graph = proto.graph
-    return {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
