@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.activations import CheckpointedStream
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_shift, layer_statistics, prunable_layers, weight_rows
-from passes.prune_refit import refit_layer
+from passes.prune_refit import refit_in_order
 from passes.prune_sensitivity import measured_curves
 from passes.prune_sparse import error_curve, sparse_prune_layer
 
@@ -32,7 +29,8 @@ class Prune(Pass):
     output shift moved into the bias; per-layer sparsity comes from the model's measured output error when
     each layer alone is pruned at several sparsities (allocation=measured, see prune_sensitivity); then every
     pruned layer is refit in order on the pruned model's own inputs (refit=true, see prune_refit).
-    channel: remove whole output channels as the dependency analysis allows (see prune_channel).
+    channel: remove whole output channels as the dependency analysis allows (see prune_channel), then (refit=true)
+    refit every prunable layer in order on the pruned model's own inputs to the float output at its kept channels.
     Guarantees: the achieved fraction of zero (sparse) or removed (channel) prunable weights equals `ratio`
     within rounding, or an UnsupportedModelError says which part cannot be pruned; per-layer facts go to
     the report.
@@ -53,8 +51,8 @@ class Prune(Pass):
         "allocation": Option(str, "measured", "sparse obs: per-layer sparsity from the model's measured output error "
                              "(measured) or from each layer's own estimated error, within ±0.1 of ratio (estimated)",
                              choices=("measured", "estimated")),
-        "refit": Option(bool, True, "sparse obs: then refit each pruned layer in order on the pruned model's own "
-                        "inputs, residual branches matching the float sum (sequential least squares)"),
+        "refit": Option(bool, True, "obs: then refit each pruned layer in order on the pruned model's own inputs, "
+                        "residual branches matching the float sum (sequential least squares)"),
     }
 
     def run(self, module, ctx) -> bool:
@@ -71,7 +69,11 @@ class Prune(Pass):
                                         "(first layer and classifier are kept unless first_layer/classifier=true)")
         if mode == "channel":
             round_to = self.round_to or getattr(target, "channel_round_to", 1)
-            facts = prune_channels(module, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs")
+            dense = module.to_proto() if self.method == "obs" and self.refit else None
+            facts, kept = prune_channels(module, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs")
+            if dense is not None and ctx is not None and ctx.calib is not None:
+                nodes = {n.name: n for n in module.graph.nodes}  # the graph was rebuilt with the new shapes
+                refit_in_order(module, ctx, [nodes[n.name] for n in layers], dense, kept)
         else:
             facts = self._sparse(module, ctx, layers, target)
         if ctx is not None:
@@ -103,27 +105,9 @@ class Prune(Pass):
                 ctx.layer(node.name, sparsity=skipped / max(new_w.size, 1), params_before=int(weight.size),
                           params_after=int(np.count_nonzero(new_w)), prune_refit=info)
         if dense is not None:
-            self._refit(module, ctx, layers, dense)
+            refit_in_order(module, ctx, layers, dense)
         return {"method": self.method, "pattern": pattern, "group_size": group, "prunable_weights": total,
                 "zero_weights": zeros, "achieved_ratio": round(zeros / max(total, 1), 4), "layers": len(layers)}
-
-    @staticmethod
-    def _refit(module, ctx, layers, dense) -> None:
-        seed = ctx.options.get("seed", 0) if ctx.options else 0
-        dense_acts, pruned_acts = CheckpointedStream(ctx.calib), CheckpointedStream(ctx.calib)
-        pruned = module.to_proto()
-        position = {n.name: i for i, n in enumerate(pruned.graph.node)}  # the order the checkpoints move in
-        with ctx.progress("Refitting pruned layers in order", len(layers)) as advance:
-            for node in sorted(layers, key=lambda n: position.get(n.name, -1)):
-                facts = refit_layer(node, module.graph, partial(dense_acts.stream, dense),
-                                    partial(pruned_acts.stream, pruned), seed)
-                if facts is not None:
-                    ctx.layer(node.name, sequential_refit={k: round(v, 5) if isinstance(v, float) else v
-                                                           for k, v in facts.items()})
-                    pruned = module.to_proto()
-                dense_acts.advance(dense, node.name)  # later layers' tensors are computed from here on
-                pruned_acts.advance(pruned, node.name)
-                advance(1)
 
     def _allocate(self, module, ctx, layers, stats, n_m, group) -> dict[str, float]:
         sizes = {n.name: int(np.asarray(n.inputs[1].values).size) for n in layers}

@@ -34,8 +34,10 @@ def consumer_columns(analysis: ChannelAnalysis, node: gs.Node, tensor: str, keep
     return (pos[:, None] * per + np.arange(per)[None, :]).reshape(-1)
 
 
-def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int, data_driven: bool = True) -> dict:
-    """Remove output channels so that `ratio` of the prunable weights go; returns the facts for the report.
+def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int,
+                   data_driven: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """Remove output channels so that `ratio` of the prunable weights go; returns the facts for the report and,
+    per layer whose output lost channels, the original indices of those it still produces.
 
     data_driven: rank by activation x consumer weight and refit the consumers; otherwise the magnitude
     baseline (L1 norm of the producers' filters, no refit)."""
@@ -67,9 +69,15 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     _apply(graph, analysis, keep, stats, ctx)
     graph.cleanup(remove_unused_graph_inputs=False)
     module.reinfer_shapes()
-    return {"prunable_weights": total, "removed_weights": int(removed),
+    kept = {}
+    for n in layers:
+        view = analysis.view.get(n.outputs[0].name)
+        if view is not None and any(p.space in keep for p in view):
+            kept[n.name] = kept_positions(view, keep)
+    facts = {"prunable_weights": total, "removed_weights": int(removed),
             "achieved_ratio": round(removed / max(total, 1), 4), "groups": len(base),
             "blocked_groups": {(s.producers[0].name if s.producers else s.tensors[0]): s.blocked for s in base if s.blocked}}
+    return facts, kept
 
 
 def _channel_cost(analysis: ChannelAnalysis, space: Space) -> int:

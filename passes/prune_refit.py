@@ -9,7 +9,8 @@ each one, on the calibration data, takes
   T, the layer's output in the float model, plus, when the layer's output is read only by an Add, the float
      minus the pruned value of the Add's other input (so the sum matches the float model, not the branch),
 
-then replaces every output's kept weights and the bias by the ridge least-squares solution of
+(after channel pruning, the float output at the channels the layer still produces), then replaces every
+output's kept weights and the bias by the ridge least-squares solution of
 min ‖w·X + b − T‖² + λ‖w − w₀‖² over the kept weights: pruned weights stay zero, so the sparsity is unchanged
 and the layer's error on the calibration rows never grows (w₀ itself is a candidate).
 """
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from compiler.activations import CheckpointedStream
 from compiler.rewrite import add_to_bias
 from passes.prune_common import layer_inputs, rows_to_weight, weight_rows
 
@@ -83,13 +86,19 @@ def _output_rows(node: gs.Node, y: np.ndarray, positions: list, groups: int) -> 
     return rows.reshape(len(rows), groups, -1)
 
 
+def _channels(node: gs.Node, y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
+    """The float model's tensor `y` at the output channels the pruned layer kept (axis 1 for Conv, last else)."""
+    return y if kept is None else np.take(y, kept, axis=1 if node.op == "Conv" else -1)
+
+
 Activations = Callable[[list[str]], Iterator[dict[str, np.ndarray]]]
 
 
 def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Activations, seed: int = 0,
-                ridge: float = RIDGE) -> dict | None:
+                ridge: float = RIDGE, kept: np.ndarray | None = None) -> dict | None:
     """Refit one pruned layer in place (see the module docstring), `dense(names)` and `pruned(names)` streaming
-    those tensors of the float and the current pruned model per calibration batch (the same batches); the
+    those tensors of the float and the current pruned model per calibration batch (the same batches); `kept`:
+    the float model's output channels the layer still produces after channel pruning (None: all of them). The
     layer's output error on the calibration rows before and after, relative to the variance of its target, or
     None (layer unchanged) when its input layout is not supported or the Add's other input would broadcast it."""
     if node.op == "Gemm" and node.attrs.get("alpha", 1.0) != 1.0:
@@ -113,9 +122,9 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Acti
         x = layer_inputs(node, np.asarray(have[inp], np.float32), rng, positions)
         if x is None:
             return None
-        target = want[out].astype(np.float64)
+        target = _channels(node, want[out], kept).astype(np.float64)
         if partner:
-            shifted = target + (want[partner] - have[partner])
+            shifted = target + (_channels(node, want[partner], kept) - have[partner])
             if shifted.shape != target.shape:  # the partner broadcasts the branch: leave the sum alone
                 return None
             target = shifted
@@ -157,3 +166,24 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Acti
         add_to_bias(graph, node, new_bias - bias)
     return {"error_before": (before + tt) / variance, "error_after": (after + tt) / variance,
             "residual": bool(partner)}
+
+
+def refit_in_order(module, ctx, layers: list[gs.Node], dense, kept: dict[str, np.ndarray] | None = None) -> None:
+    """Refit `layers` one by one in the order they run (`refit_layer`), `dense` being the float model before
+    pruning and `kept` each channel-pruned layer's surviving output channels; facts go to the report."""
+    seed = ctx.options.get("seed", 0) if ctx.options else 0
+    kept = kept or {}
+    dense_acts, pruned_acts = CheckpointedStream(ctx.calib), CheckpointedStream(ctx.calib)
+    pruned = module.to_proto()
+    position = {n.name: i for i, n in enumerate(pruned.graph.node)}  # the order the checkpoints move in
+    with ctx.progress("Refitting pruned layers in order", len(layers)) as advance:
+        for node in sorted(layers, key=lambda n: position.get(n.name, -1)):
+            facts = refit_layer(node, module.graph, partial(dense_acts.stream, dense),
+                                partial(pruned_acts.stream, pruned), seed, kept=kept.get(node.name))
+            if facts is not None:
+                ctx.layer(node.name, sequential_refit={k: round(v, 5) if isinstance(v, float) else v
+                                                       for k, v in facts.items()})
+                pruned = module.to_proto()
+            dense_acts.advance(dense, node.name)  # later layers' tensors are computed from here on
+            pruned_acts.advance(pruned, node.name)
+            advance(1)
