@@ -48,8 +48,9 @@ class Prune(Pass):
         "round_to": Option(int, 0, "keep channel counts a multiple of this (default: the target's)", minimum=0),
         "method": Option(str, "obs", "obs (data-driven choice and refit) or magnitude (the plain baseline)",
                          choices=("obs", "magnitude")),
-        "allocation": Option(str, "measured", "sparse obs: per-layer sparsity from the model's measured output error "
-                             "(measured) or from each layer's own estimated error, within ±0.1 of ratio (estimated)",
+        "allocation": Option(str, "measured", "obs: per-layer sparsity (per-space channel count) from the model's "
+                             "measured output error (measured), or from each layer's own estimated error, within ±0.1 "
+                             "of ratio (sparse) / from the channel ranks alone (channel) (estimated)",
                              choices=("measured", "estimated")),
         "refit": Option(bool, True, "obs: then refit each pruned layer in order on the pruned model's own inputs, "
                         "residual branches matching the float sum (sequential least squares)"),
@@ -70,7 +71,8 @@ class Prune(Pass):
         if mode == "channel":
             round_to = self.round_to or getattr(target, "channel_round_to", 1)
             dense = module.to_proto() if self.method == "obs" and self.refit else None
-            facts, kept = prune_channels(module, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs")
+            facts, kept = prune_channels(module, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs",
+                                         measured=self.allocation == "measured")
             if dense is not None and ctx is not None and ctx.calib is not None:
                 nodes = {n.name: n for n in module.graph.nodes}  # the graph was rebuilt with the new shapes
                 refit_in_order(module, ctx, [nodes[n.name] for n in layers], dense, kept)
@@ -122,7 +124,10 @@ class Prune(Pass):
                 return out
 
             with ctx.progress("Measuring layer sensitivity", len(layers)) as advance:
-                grid, curves = measured_curves(module.to_proto(), layers, ctx.calib, prune, progress=advance)
+                nodes = {n.name: n for n in layers}
+                units = [(n.name, n.name, [t.name for t in n.inputs[1:3] if isinstance(t, gs.Constant)]) for n in layers]
+                grid, curves = measured_curves(module.to_proto(), units, ctx.calib,
+                                               lambda name, ratio: prune(nodes[name], ratio), progress=advance)
             return allocate_sparsity(grid, curves, sizes, self.ratio)
         grid = np.round(np.arange(0.0, min(0.95, self.ratio + SPREAD) + 1e-9, 0.025), 6)
         return allocate_sparsity(grid, estimated_curves(layers, stats, grid), sizes, self.ratio)

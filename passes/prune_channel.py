@@ -3,9 +3,10 @@
 Which channels go together comes from the dependency analysis in channel_groups (residual Adds, SE gates,
 Concat/Split/Slice offsets, depthwise convs, BatchNorm, per-channel constants, Flatten/Reshape into Gemm);
 a space that analysis blocks is left whole. Channels are ranked by their activation-aware contribution to
-the layers that read them, a space keeps a multiple of the target's alignment, and every consuming layer
-is refit by least squares (with an intercept, so the mean of the removed channels moves into its bias) on
-the calibration statistics of its input.
+the layers that read them; how many each space loses follows the model's measured output error when that
+space alone loses its lowest-ranked channels, per weight and MAC removed; a space keeps a multiple of the
+target's alignment, and every consuming layer is refit by least squares (with an intercept, so the mean of
+the removed channels moves into its bias) on the calibration statistics of its input.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from compiler.errors import UnsupportedModelError
 from compiler.rewrite import const_value, fresh_name, set_input
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions
 from passes.prune_common import layer_statistics, rows_to_weight, weight_rows
+from passes.prune_sensitivity import measured_curves
 
 
 def columns_per_position(node: gs.Node) -> int:
@@ -34,13 +36,15 @@ def consumer_columns(analysis: ChannelAnalysis, node: gs.Node, tensor: str, keep
     return (pos[:, None] * per + np.arange(per)[None, :]).reshape(-1)
 
 
-def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int,
-                   data_driven: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int, data_driven: bool = True,
+                   measured: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """Remove output channels so that `ratio` of the prunable weights go; returns the facts for the report and,
     per layer whose output lost channels, the original indices of those it still produces.
 
     data_driven: rank by activation x consumer weight and refit the consumers; otherwise the magnitude
-    baseline (L1 norm of the producers' filters, no refit)."""
+    baseline (L1 norm of the producers' filters, no refit). measured (data-driven only): how many channels each
+    space loses follows the model's measured output error when that space alone loses its lowest-ranked
+    channels (see `_measured_curves`); otherwise the ranks alone decide across spaces."""
     graph = module.graph
     analysis = analyze(graph, layers)
     base = [s for s in analysis.base() if s.producers]
@@ -54,7 +58,12 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     stats = layer_statistics(module, ctx, [n for n, _ in consumers]) if data_driven else {}
     cost = {s.index: _channel_cost(analysis, s) for s in usable}
     scores = {s.index: _scores(analysis, s, stats, data_driven) for s in usable}
-    removal = _allocate(usable, cost, scores, ratio * total, round_to)
+    worth = None
+    curves = _measured_curves(module, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
+    if curves is not None:  # what removing a channel gains: its fraction of the weights plus its fraction of the MACs
+        total_macs = max(sum(int(np.asarray(n.inputs[1].values).size) * _positions(n) for n in layers), 1)
+        worth = {s.index: cost[s.index] / total + _channel_cost(analysis, s, macs=True) / total_macs for s in usable}
+    removal = _allocate(usable, cost, scores, ratio * total, round_to, curves, worth)
     removed = sum(len(d) * cost[i] for i, d in removal.items())
     if removed < ratio * total * 0.98:
         most = sum((s.channels - max(round_to, 1)) * cost[s.index] for s in usable)
@@ -80,16 +89,27 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     return facts, kept
 
 
-def _channel_cost(analysis: ChannelAnalysis, space: Space) -> int:
-    """Weights removed with one channel of `space`: producer rows, follower slices, consumer columns."""
-    cost = sum(int(np.asarray(p.inputs[1].values).size // np.asarray(p.inputs[1].values).shape[0])
-               if p.op == "Conv" else int(weight_rows(p, np.asarray(p.inputs[1].values)).shape[1]) for p in space.producers)
-    cost += sum(int(np.asarray(f.inputs[1].values)[0].size) for f in space.followers if f.op == "Conv")
+def _positions(node: gs.Node) -> int:
+    """Output positions a weight is used at: a Conv's output height x width, else 1."""
+    shape = node.outputs[0].shape
+    if node.op != "Conv" or shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return 1
+    return int(np.prod(shape[2:]))
+
+
+def _channel_cost(analysis: ChannelAnalysis, space: Space, macs: bool = False) -> int:
+    """Weights (or, with `macs`, multiply-accumulates) removed with one channel of `space`: producer rows,
+    follower slices, consumer columns."""
+    scale = _positions if macs else (lambda node: 1)
+    cost = sum((int(np.asarray(p.inputs[1].values).size // np.asarray(p.inputs[1].values).shape[0])
+                if p.op == "Conv" else int(weight_rows(p, np.asarray(p.inputs[1].values)).shape[1])) * scale(p)
+               for p in space.producers)
+    cost += sum(int(np.asarray(f.inputs[1].values)[0].size) * scale(f) for f in space.followers if f.op == "Conv")
     for node, tensor in analysis.consumers:
         rows = int(weight_rows(node, np.asarray(node.inputs[1].values)).shape[0])
         for p in analysis.view[tensor]:
             if p.space == space.index:
-                cost += rows * p.block * columns_per_position(node)
+                cost += rows * p.block * columns_per_position(node) * scale(node)
     return cost
 
 
@@ -118,18 +138,36 @@ def _scores(analysis: ChannelAnalysis, space: Space, stats, data_driven: bool) -
     return s / max(float(np.mean(s)), 1e-12)
 
 
-def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int) -> dict[int, list[int]]:
-    """Channels to drop per space: whole units of `round_to` channels (a first, smaller unit brings the count
-    to a multiple of it), lowest mean normalized score first across all spaces, at least `round_to` kept,
-    until `target` weights are removed."""
+def _units(space: Space, scores: np.ndarray, round_to: int) -> list[np.ndarray]:
+    """The space's removable channels, lowest score first, in units of `round_to` (a first, smaller unit brings
+    the count to a multiple of it); at least `round_to` channels are never removable."""
     step = max(round_to, 1)
-    units: dict[int, list[np.ndarray]] = {}
-    for s in spaces:
-        order = np.argsort(scores[s.index], kind="stable")
-        removable = order[:s.channels - step]
-        first = len(removable) % step or step
-        units[s.index] = [removable[:first]] + [removable[k:k + step] for k in range(first, len(removable), step)]
-    heap = [(float(np.mean(scores[i][u[0]])), i, 0) for i, u in units.items() if u and len(u[0])]
+    removable = np.argsort(scores, kind="stable")[:space.channels - step]
+    first = len(removable) % step or step
+    return [u for u in [removable[:first]] + [removable[k:k + step] for k in range(first, len(removable), step)]
+            if len(u)]
+
+
+def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int,
+              curves: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+              worth: dict[int, float] | None = None) -> dict[int, list[int]]:
+    """Channels to drop per space, whole `_units` in rank order, until `target` weights are removed: next the unit
+    whose measured output error grows least per `worth` of one of its channels (`curves`: per space, channel
+    fractions and the error at each), or without curves the unit of lowest mean normalized score across all
+    spaces. Worth counts MACs as well as weights: by weights alone the late, large-but-cheap layers would take
+    nearly all the pruning (efficientnet_lite0 at 0.3: 12.8% fewer MACs instead of 27.3%)."""
+    units = {s.index: _units(s, scores[s.index], round_to) for s in spaces}
+    channels = {s.index: s.channels for s in spaces}
+
+    def key(i: int, k: int) -> float:
+        if curves is None:
+            return float(np.mean(scores[i][units[i][k]]))
+        grid, err = curves[i]
+        done = sum(len(u) for u in units[i][:k])
+        before, after = np.interp([done / channels[i], (done + len(units[i][k])) / channels[i]], grid, err)
+        return float(after - before) / (len(units[i][k]) * worth[i])
+
+    heap = [(key(i, 0), i, 0) for i, u in units.items() if u]
     heapq.heapify(heap)
     drop: dict[int, list[int]] = {i: [] for i in units}
     removed = 0.0
@@ -138,8 +176,51 @@ def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int) -
         drop[i].extend(int(c) for c in units[i][k])
         removed += len(units[i][k]) * cost[i]
         if k + 1 < len(units[i]):
-            heapq.heappush(heap, (float(np.mean(scores[i][units[i][k + 1]])), i, k + 1))
+            heapq.heappush(heap, (key(i, k + 1), i, k + 1))
     return drop
+
+
+POINTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space], scores, stats,
+                     round_to: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per space: the model's output error (see prune_sensitivity) when that space alone loses each fraction of
+    POINTS of its channels, lowest-ranked first, as pruning removes them: every layer reading the space loses
+    those input columns and takes their mean contribution into its bias (`round_to` channels always stay). A
+    space no layer with constant weights reads is measured as unboundedly costly."""
+    readers = {s.index: [(n, t) for n, t in analysis.consumers if any(p.space == s.index for p in analysis.view[t])]
+               for s in spaces}
+    position = {n.name: i for i, n in enumerate(module.graph.nodes)}
+    units = []
+    for s in spaces:
+        tensors = [t.name for n, _ in readers[s.index] for t in n.inputs[1:3] if isinstance(t, gs.Constant)]
+        first = min(s.producers, key=lambda n: position.get(n.name, 0))
+        if tensors:
+            units.append((str(s.index), first.name, tensors))
+
+    def prune(key: str, fraction: float) -> dict[str, np.ndarray]:
+        space = analysis.spaces[int(key)]
+        order = np.argsort(scores[space.index], kind="stable")
+        count = min(int(round(fraction * space.channels)), max(space.channels - max(round_to, 1), 0))
+        keep = {space.index: np.sort(order[count:])}
+        out = {}
+        for node, tensor in readers[space.index]:
+            rows = weight_rows(node, np.asarray(node.inputs[1].values, dtype=np.float64))
+            dropped = np.setdiff1d(np.arange(rows.shape[1]), consumer_columns(analysis, node, tensor, keep))
+            st = stats.get(node.name)
+            bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+            if bias is not None and st is not None and st.groups == 1 and bias.values.size == rows.shape[0]:
+                mean = st.sums[0][dropped] / max(st.count, 1)
+                shifted = np.asarray(bias.values, np.float64).reshape(-1) + rows[:, dropped] @ mean
+                out[bias.name] = shifted.reshape(bias.values.shape).astype(bias.values.dtype)
+            rows[:, dropped] = 0.0
+            out[node.inputs[1].name] = rows_to_weight(node, rows, node.inputs[1].values.shape).astype(np.float32)
+        return out
+
+    with ctx.progress("Measuring channel-space sensitivity", len(units)) as advance:
+        grid, errors = measured_curves(module.to_proto(), units, ctx.calib, prune, points=POINTS, progress=advance)
+    return {s.index: (grid, errors.get(str(s.index), grid * 1e30)) for s in spaces}
 
 
 def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], stats, ctx) -> None:

@@ -1,10 +1,11 @@
 """Measured sensitivity of the model's outputs to pruning each layer, for allocating sparsity across layers.
 
-For every prunable layer and a few sparsities, the layer alone is pruned (with the same OBS refit the pass
-uses) and the model runs on a handful of calibration samples; the curve is the relative squared error of
-all model outputs against the float model. The prunable weights become graph inputs, so one onnxruntime
-session serves every measurement of a layer by feeding a different weight; that session runs only the part of
-the model the layer influences, from the float model's tensors where that part begins.
+For every prunable unit (a layer, or a channel space with the layers reading it) and a few ratios, the unit
+alone is pruned (the way the pass prunes it) and the model runs on a handful of calibration samples; the
+curve is the relative squared error of all model outputs against the float model. The tensors a unit changes
+become graph inputs, so one onnxruntime session serves every measurement of a unit by feeding different
+values; that session runs only the part of the model the unit influences, from the float model's tensors
+where that part begins.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from compiler.activations import downstream, stream_activations
 from compiler.runtime import make_session
@@ -36,13 +36,14 @@ def weights_as_inputs(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProt
     return model
 
 
-def measured_curves(proto: onnx.ModelProto, layers: list[gs.Node], calib,
-                    prune: Callable[[gs.Node, float], dict[str, np.ndarray]], points=POINTS, samples: int = SAMPLES,
+def measured_curves(proto: onnx.ModelProto, units: list[tuple[str, str, list[str]]], calib,
+                    prune: Callable[[str, float], dict[str, np.ndarray]], points=POINTS, samples: int = SAMPLES,
                     progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(grid, {layer name: output error at each grid sparsity}) where grid = (0, *points) and
-    prune(node, ratio) gives the layer's new constant inputs (weight, bias) by tensor name."""
-    originals = {t.name: np.asarray(t.values) for n in layers for t in n.inputs[1:3] if isinstance(t, gs.Constant)}
-    names = set(originals)
+    """(grid, {unit: output error at each grid ratio}) where grid = (0, *points). A unit is (key, the first
+    node it changes, the constant tensors it changes); prune(key, ratio) gives those tensors' new values by
+    name (for sparse pruning a unit is one layer, for channel pruning one channel space and its consumers)."""
+    names = {t for _, _, tensors in units for t in tensors}
+    originals = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer if i.name in names}
     movable = weights_as_inputs(proto, names)
     sess = make_session(movable, arena=False)
     model_inputs = {i.name for i in sess.get_inputs()} - names
@@ -56,9 +57,9 @@ def measured_curves(proto: onnx.ModelProto, layers: list[gs.Node], calib,
     reference = [dict(zip(outputs, sess.run(None, {**f, **originals}))) for f in feeds]
     energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in reference for o in ref.values())
     curves = {}
-    for node in layers:
-        variants = [{**originals, **prune(node, ratio)} for ratio in points]
-        part_sess, batches = _influenced_part(proto, movable, node.name, calib, feeds, seen) or (sess, iter(feeds))
+    for key, start, _ in units:
+        variants = [{**originals, **prune(key, ratio)} for ratio in points]
+        part_sess, batches = _influenced_part(proto, movable, start, calib, feeds, seen) or (sess, iter(feeds))
         wanted = {i.name for i in part_sess.get_inputs()}
         part_outputs = [o.name for o in part_sess.get_outputs()]
         errors = np.zeros(len(points))
@@ -67,7 +68,7 @@ def measured_curves(proto: onnx.ModelProto, layers: list[gs.Node], calib,
                 values = part_sess.run(None, {k: v for k, v in {**feed, **weights}.items() if k in wanted})
                 errors[i] += sum(float(np.sum(np.square(out.astype(np.float64) - ref[name])))
                                  for name, out in zip(part_outputs, values))
-        curves[node.name] = np.maximum.accumulate(np.concatenate([[0.0], errors / max(energy, 1e-30)]))
+        curves[key] = np.maximum.accumulate(np.concatenate([[0.0], errors / max(energy, 1e-30)]))
         if progress is not None:
             progress(1)
     return np.array((0.0, *points)), curves
