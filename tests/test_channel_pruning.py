@@ -270,11 +270,9 @@ def test_tensor_read_inside_an_if_branch_blocks_its_group(tmp_path):
     outputs_close(proto, out, feed(proto), rtol=10.0)  # runs: shapes inside the branch still match
 
 
-def test_sequential_refit_brings_the_pruned_resnet_back_towards_float(tmp_path):
-    """After channel pruning, each layer is refit in order on the pruned model's own inputs to the float model's
-    output at the channels it kept: on held-out digits the logits' error to float must drop well below the
-    error of the same channel choice without that refit, with no layer's calibration error growing (channels
-    spread by rank, where the cut leaves the most to repair)."""
+def resnet_channel_pruned(tmp_path, options: str):
+    """The shipped ResNet channel-pruned at 0.5 with extra prune `options`: (model, report, relative error of its
+    logits to float on 500 held-out digits)."""
     import json
     from pathlib import Path
 
@@ -285,47 +283,37 @@ def test_sequential_refit_brings_the_pruned_resnet_back_towards_float(tmp_path):
     with np.load(root / "models" / "mnist_test.npz") as t:
         x = t["input"][:500]
     ref = run_model(onnx.load(str(src)), {"input": x})[0]
+    out = tmp_path / options.replace(",", "_").replace("=", "-")
+    compile_model(src, "rzv2h", out, calib=root / "models" / "mnist_calib.npz",
+                  pipeline=f"prune{{ratio=0.5,mode=channel,{options}}}", verify=False, force=True)
+    proto = onnx.load(str(out / "model.onnx"))
+    got = run_model(proto, {"input": x})[0]
+    error = float(np.linalg.norm(got - ref) / np.linalg.norm(ref - ref.mean(0)))
+    return proto, json.loads((out / "report.json").read_text()), error
+
+
+def test_sequential_refit_brings_the_pruned_resnet_back_towards_float(tmp_path):
+    """After channel pruning, each layer is refit in order on the pruned model's own inputs to the float model's
+    output at the channels it kept: on held-out digits the logits' error to float must drop well below the
+    error of the same channel choice without that refit, with no layer's calibration error growing (channels
+    spread by rank, where the cut leaves the most to repair)."""
     errors, shapes = {}, {}
     for refit in ("true", "false"):
-        out = tmp_path / refit
-        compile_model(src, "rzv2h", out, calib=root / "models" / "mnist_calib.npz",
-                      pipeline=f"prune{{ratio=0.5,mode=channel,allocation=estimated,refit={refit}}}", verify=False,
-                      force=True)
-        proto = onnx.load(str(out / "model.onnx"))
-        got = run_model(proto, {"input": x})[0]
-        errors[refit] = np.linalg.norm(got - ref) / np.linalg.norm(ref - ref.mean(0))
-        shapes[refit] = {i.name: tuple(i.dims) for i in proto.graph.initializer if len(i.dims) == 4}
-        facts = [layer["sequential_refit"] for layer in json.loads((out / "report.json").read_text())["layers"]
-                 if "sequential_refit" in layer]
+        proto, report, errors[refit] = resnet_channel_pruned(tmp_path, f"allocation=estimated,refit={refit}")
+        shapes[refit] = sorted(tuple(i.dims) for i in proto.graph.initializer if len(i.dims) == 4)
+        facts = [layer["sequential_refit"] for layer in report["layers"] if "sequential_refit" in layer]
         assert bool(facts) == (refit == "true")
         assert all(f["error_after"] <= f["error_before"] + 1e-6 for f in facts)
-    assert sorted(shapes["true"].values()) == sorted(shapes["false"].values())  # the same channels kept
+    assert shapes["true"] == shapes["false"]  # the same channels kept
     assert errors["true"] < 0.7 * errors["false"], errors
 
 
 def test_measured_allocation_beats_ranks_alone_on_the_resnet(tmp_path):
     """How many channels each space loses, from the model's measured output error per space (allocation=measured),
     must leave the held-out logits much closer to float than spreading the cut by channel ranks alone, both
-    without the refit so only the choice of channels differs; the prunable weights removed are the same."""
-    import json
-    from pathlib import Path
-
-    from compiler.runtime import run_model
-
-    root = Path(__file__).resolve().parents[1]
-    src = root / "models" / "mnist_resnet.onnx"
-    with np.load(root / "models" / "mnist_test.npz") as t:
-        x = t["input"][:500]
-    ref = run_model(onnx.load(str(src)), {"input": x})[0]
-    errors, removed = {}, {}
+    without the refit so only the choice of channels differs; both remove the asked fraction of weights."""
+    errors = {}
     for allocation in ("measured", "estimated"):
-        out = tmp_path / allocation
-        compile_model(src, "rzv2h", out, calib=root / "models" / "mnist_calib.npz",
-                      pipeline=f"prune{{ratio=0.5,mode=channel,refit=false,allocation={allocation}}}", verify=False,
-                      force=True)
-        got = run_model(onnx.load(str(out / "model.onnx")), {"input": x})[0]
-        errors[allocation] = np.linalg.norm(got - ref) / np.linalg.norm(ref - ref.mean(0))
-        removed[allocation] = [p for p in json.loads((out / "report.json").read_text())["passes"]
-                               if p["name"] == "prune"][0]["achieved_ratio"]
-    assert min(removed.values()) >= 0.49, removed
+        _, report, errors[allocation] = resnet_channel_pruned(tmp_path, f"refit=false,allocation={allocation}")
+        assert [p for p in report["passes"] if p["name"] == "prune"][0]["achieved_ratio"] >= 0.49
     assert errors["measured"] < 0.75 * errors["estimated"], errors
