@@ -12,6 +12,7 @@ the removed channels moves into its bias) on the calibration statistics of its i
 from __future__ import annotations
 
 import heapq
+from functools import partial
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -63,10 +64,12 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     if curves is not None:  # what removing a channel gains: its fraction of the weights plus its fraction of the MACs
         total_macs = max(sum(int(np.asarray(n.inputs[1].values).size) * _positions(n) for n in layers), 1)
         worth = {s.index: cost[s.index] / total + _channel_cost(analysis, s, macs=True) / total_macs for s in usable}
-    removal = _allocate(usable, cost, scores, ratio * total, round_to, curves, worth)
-    removed = sum(len(d) * cost[i] for i, d in removal.items())
+    removed_by = partial(_removed_weights, analysis, layers)
+    removal = _allocate(usable, cost, scores, ratio * total, round_to, curves, worth, removed_by)
+    removed = removed_by(removal)
     if removed < ratio * total * 0.98:
-        most = sum((s.channels - max(round_to, 1)) * cost[s.index] for s in usable)
+        most = removed_by({s.index: np.concatenate(_units(s, scores[s.index], round_to) or [np.zeros(0, int)])
+                           for s in usable})
         blocked = [s for s in base if s.blocked]
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
         small = sum(1 for s in base if not s.blocked and s.channels <= max(round_to, 1))
@@ -138,6 +141,30 @@ def _scores(analysis: ChannelAnalysis, space: Space, stats, data_driven: bool) -
     return s / max(float(np.mean(s)), 1e-12)
 
 
+def _removed_weights(analysis: ChannelAnalysis, layers: list[gs.Node], drop: dict[int, list[int]]) -> int:
+    """How many of the `layers`' weights go when each base space s loses the channels `drop[s]`: a layer keeps
+    the kept fraction of its output channels times that of its input channels (output only for a grouped
+    Conv, whose input channels are its output channels)."""
+    dropped = {i: np.asarray(d, dtype=np.int64) for i, d in drop.items() if len(d)}
+
+    def kept(tensor: str) -> float:
+        view = analysis.view.get(tensor)
+        if not view:
+            return 1.0
+        total = sum(p.length * p.block for p in view)
+        gone = sum(int(np.count_nonzero((dropped[p.space] >= p.start) & (dropped[p.space] < p.start + p.length)))
+                   * p.block for p in view if p.space in dropped)
+        return (total - gone) / max(total, 1)
+
+    removed = 0.0
+    for node in layers:
+        size = int(np.asarray(node.inputs[1].values).size)
+        grouped = node.op == "Conv" and node.attrs.get("group", 1) > 1
+        left = kept(node.outputs[0].name) * (1.0 if grouped else kept(node.inputs[0].name))
+        removed += size * (1.0 - left)
+    return int(round(removed))
+
+
 def _units(space: Space, scores: np.ndarray, round_to: int) -> list[np.ndarray]:
     """The space's removable channels, lowest score first, in units of `round_to` (a first, smaller unit brings
     the count to a multiple of it); at least `round_to` channels are never removable."""
@@ -150,8 +177,10 @@ def _units(space: Space, scores: np.ndarray, round_to: int) -> list[np.ndarray]:
 
 def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int,
               curves: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-              worth: dict[int, float] | None = None) -> dict[int, list[int]]:
-    """Channels to drop per space, whole `_units` in rank order, until `target` weights are removed: next the unit
+              worth: dict[int, float] | None = None, removed_by=None) -> dict[int, list[int]]:
+    """Channels to drop per space, whole `_units` in rank order, until `target` weights are removed (counted by
+    `removed_by(drop)`; the sum of `cost` over dropped channels, which counts a weight whose row and column
+    both go twice, without it): next the unit
     whose measured output error grows least per `worth` of one of its channels (`curves`: per space, channel
     fractions and the error at each), or without curves the unit of lowest mean normalized score across all
     spaces. Worth counts MACs as well as weights: by weights alone the late, large-but-cheap layers would take
@@ -171,7 +200,7 @@ def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int,
     heapq.heapify(heap)
     drop: dict[int, list[int]] = {i: [] for i in units}
     removed = 0.0
-    while heap and removed < target:
+    while heap and (removed < target or (removed_by is not None and removed_by(drop) < target)):
         _, i, k = heapq.heappop(heap)
         drop[i].extend(int(c) for c in units[i][k])
         removed += len(units[i][k]) * cost[i]
