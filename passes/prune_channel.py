@@ -59,17 +59,10 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     stats = layer_statistics(module, ctx, [n for n, _ in consumers]) if data_driven else {}
     cost = {s.index: _channel_cost(analysis, s) for s in usable}
     scores = {s.index: _scores(analysis, s, stats, data_driven) for s in usable}
-    worth = None
-    curves = _measured_curves(module, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
-    if curves is not None:  # what removing a channel gains: its fraction of the weights plus its fraction of the MACs
-        total_macs = max(sum(int(np.asarray(n.inputs[1].values).size) * _positions(n) for n in layers), 1)
-        worth = {s.index: cost[s.index] / total + _channel_cost(analysis, s, macs=True) / total_macs for s in usable}
     removed_by = partial(_removed_weights, analysis, layers)
-    removal = _allocate(usable, cost, scores, ratio * total, round_to, removed_by, curves, worth)
-    removed = removed_by(removal)
-    if removed < ratio * total * 0.98:
-        most = removed_by({s.index: np.concatenate(_units(s, scores[s.index], round_to) or [np.zeros(0, int)])
-                           for s in usable})
+    most = removed_by({s.index: np.concatenate(_units(s, scores[s.index], round_to) or [np.zeros(0, int)])
+                       for s in usable})
+    if most < ratio * total * 0.98:
         blocked = [s for s in base if s.blocked]
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
         small = sum(1 for s in base if not s.blocked and s.channels <= max(round_to, 1))
@@ -77,6 +70,13 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         raise UnsupportedModelError(f"channel pruning can remove at most {most / max(total, 1):.0%} of the prunable "
                                     f"weights here, not {ratio:.0%}: {len(blocked)} of {len(base)} channel groups "
                                     f"are blocked{aligned}{why}")
+    worth = None
+    curves = _measured_curves(module, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
+    if curves is not None:  # what removing a channel gains: its fraction of the weights plus its fraction of the MACs
+        total_macs = max(sum(int(np.asarray(n.inputs[1].values).size) * _positions(n) for n in layers), 1)
+        worth = {s.index: cost[s.index] / total + _channel_cost(analysis, s, macs=True) / total_macs for s in usable}
+    removal = _allocate(usable, cost, scores, ratio * total, round_to, removed_by, curves, worth)
+    removed = removed_by(removal)
     keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
     _apply(graph, analysis, keep, stats, ctx)
     graph.cleanup(remove_unused_graph_inputs=False)
