@@ -223,4 +223,3 @@ def _bytes_per_sample(proto: onnx.ModelProto, names: list[str]) -> int | None:
             return None
         total += int(np.prod(dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
     return total
-
