@@ -17,6 +17,9 @@ from passes.prune_sparse import error_curve, sparse_prune_layer
 
 
 SPREAD = 0.1  # estimated allocation keeps each layer within this of the ratio
+# Below this many calibration samples the choice and refit overfit them (efficientnet_lite0, sparse 0.5: top-1
+# agreement with fp32 on unseen images 82.5% from 100 samples, 89.3% from 200, 88.0% from 400).
+FEW_SAMPLES = 200
 
 
 @register_pass
@@ -63,6 +66,10 @@ class Prune(Pass):
         mode = self.mode or getattr(target, "default_prune_mode", "sparse")
         if ctx is not None and (ctx.calib is None or ctx.calib.synthetic):
             ctx.warn("pruning chose weights with synthetic inputs: accuracy after pruning is unmeasured")
+        elif ctx is not None and self.method == "obs" and ctx.calib.num_samples < FEW_SAMPLES:
+            ctx.warn(f"pruning chose and refit weights on only {ctx.calib.num_samples} calibration samples: with fewer "
+                     f"than {FEW_SAMPLES} the result fits them more closely than other inputs; check it on held-out "
+                     "data (drpc simulate PACKAGE --data HELDOUT)")
         module.infer_shapes()
         layers = prunable_layers(module.graph, self.first_layer, self.classifier)
         if not layers:
