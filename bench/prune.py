@@ -3,7 +3,8 @@
 For each model, ratio R and mode (sparse / channel), the float model is pruned by the pipeline
 `<lossless passes>,prune{ratio=R,mode=M,method=obs|magnitude}` in its own process (wall time and peak
 memory are that process's), then evaluated here: accuracy on the evaluation split, arg-max agreement with
-the unpruned model, remaining parameters (non-zero weights), MACs (sparse: MACs of non-zero weights), model
+the unpruned model (on the evaluation split, and on the calibration split the pruning fitted: the gap
+between the two is how much the choice and refit overfit the calibration data), remaining parameters (non-zero weights), MACs (sparse: MACs of non-zero weights), model
 size and onnxruntime latency (median, ratio to the unpruned model measured in the same run).
 
     python bench/prune.py
@@ -57,6 +58,14 @@ def weights_and_macs(pkg: Path) -> tuple[int, int, int]:
     return nonzero, macs, effective
 
 
+def calibration_agreement(model_path: Path, task, fp32_calib: np.ndarray) -> float:
+    """Arg-max agreement with the unpruned model on the calibration inputs the pruning was fitted on."""
+    import onnxruntime as ort
+
+    out = datasets.run_task(ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]), task, task.calib)
+    return float(np.mean(out.argmax(-1) == fp32_calib.argmax(-1)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -83,8 +92,9 @@ def main() -> None:
             base_latency = latency_ms(base_pkg / "model.onnx", task, args.repeats)
             sess = ort.InferenceSession(str(base_pkg / "model.onnx"), providers=["CPUExecutionProvider"])
             fp32_out = datasets.run_task(sess, task)
+            fp32_calib = datasets.run_task(sess, task, task.calib)
             rows.append({"model": name, "mode": "-", "ratio": 0.0, "method": "float", "acc": task.score(fp32_out, task.eval_y),
-                         "agree": 1.0, "params": params0,
+                         "agree": 1.0, "calib_agree": 1.0, "params": params0,
                          "macs": macs0, "effective_macs": macs0, "size_kb": (base_pkg / "model.onnx").stat().st_size / 1024,
                          "latency_ms": base_latency, "speedup": 1.0, **base})
             print(_fmt(rows[-1]), flush=True)
@@ -98,6 +108,7 @@ def main() -> None:
                                **compile_one(task, calib_path, pkg, pipeline)}
                         if "error" not in row:
                             row.update(evaluate(pkg / "model.onnx", task, fp32_out))
+                            row["calib_agree"] = calibration_agreement(pkg / "model.onnx", task, fp32_calib)
                             row["params"], row["macs"], row["effective_macs"] = weights_and_macs(pkg)
                             row["size_kb"] = (pkg / "model.onnx").stat().st_size / 1024
                             row["latency_ms"] = latency_ms(pkg / "model.onnx", task, args.repeats)
@@ -114,21 +125,21 @@ def _fmt(r) -> str:
     head = f"{r['model']:20s} {r['mode']:7s} R={r['ratio']:.1f} {r['method']:9s}"
     if "error" in r:
         return f"{head} FAILED: {r['error']}"
-    return (f"{head} acc {r['acc']*100:6.2f}% agree {r['agree']*100:6.2f}% params {r['params']:>9,} MACs {r['macs']:>12,} "
+    return (f"{head} acc {r['acc']*100:6.2f}% agree {r['agree']*100:6.2f}% (calibration {r['calib_agree']*100:6.2f}%) params {r['params']:>9,} MACs {r['macs']:>12,} "
             f"(non-zero {r['effective_macs']:>12,}) "
             f"size {r['size_kb']:7.0f} KB latency {r['latency_ms']:.3f} ms (x{r['speedup']:.2f}) "
             f"prune time {r['seconds']:.1f}s peak {r['peak_mb']:.0f} MB")
 
 
 def table(rows) -> str:
-    lines = ["| model | mode | R | method | top-1 | agreement with fp32 | non-zero params | MACs (non-zero) | size | latency "
+    lines = ["| model | mode | R | method | top-1 | agreement with fp32 (calibration) | non-zero params | MACs (non-zero) | size | latency "
              "| pruning time | peak memory |",
              "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']} | {r['method']} | FAILED: {r['error']} | | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']} | {r['method']} | {r['acc']*100:.2f}% | {r['agree']*100:.2f}% | {r['params']:,} | "
+        lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']} | {r['method']} | {r['acc']*100:.2f}% | {r['agree']*100:.2f}% ({r['calib_agree']*100:.2f}%) | {r['params']:,} | "
                      f"{r['macs']:,} ({r['effective_macs']:,}) | {r['size_kb']:.0f} KB | {r['latency_ms']:.3f} ms "
                      f"(x{r['speedup']:.2f}) | {r['seconds']:.1f} s | {r['peak_mb']:.0f} MB |")
     return "\n".join(lines)
