@@ -4,8 +4,9 @@ For each model, ratio R and mode (sparse / channel), the float model is pruned b
 `<lossless passes>,prune{ratio=R,mode=M,method=obs|magnitude}` in its own process (wall time and peak
 memory are that process's), then evaluated here: accuracy on the evaluation split, arg-max agreement with
 the unpruned model (on the evaluation split, and on the calibration split the pruning fitted: the gap
-between the two is how much the choice and refit overfit the calibration data), remaining parameters (non-zero weights), MACs (sparse: MACs of non-zero weights), model
-size and onnxruntime latency (median, ratio to the unpruned model measured in the same run).
+between the two is how much the choice and refit overfit the calibration data), remaining parameters
+(non-zero weights), MACs (sparse: MACs of non-zero weights), model size and onnxruntime latency (median,
+ratio to the unpruned model measured in the same run).
 
     python bench/prune.py
     python bench/prune.py --models mnist_resnet --ratios 0.5 --modes sparse
@@ -58,14 +59,6 @@ def weights_and_macs(pkg: Path) -> tuple[int, int, int]:
     return nonzero, macs, effective
 
 
-def calibration_agreement(model_path: Path, task, fp32_calib: np.ndarray) -> float:
-    """Arg-max agreement with the unpruned model on the calibration inputs the pruning was fitted on."""
-    import onnxruntime as ort
-
-    out = datasets.run_task(ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]), task, task.calib)
-    return float(np.mean(out.argmax(-1) == fp32_calib.argmax(-1)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -107,8 +100,7 @@ def main() -> None:
                         row = {"model": name, "mode": mode, "ratio": ratio, "method": method,
                                **compile_one(task, calib_path, pkg, pipeline)}
                         if "error" not in row:
-                            row.update(evaluate(pkg / "model.onnx", task, fp32_out))
-                            row["calib_agree"] = calibration_agreement(pkg / "model.onnx", task, fp32_calib)
+                            row.update(evaluate(pkg / "model.onnx", task, fp32_out, fp32_calib))
                             row["params"], row["macs"], row["effective_macs"] = weights_and_macs(pkg)
                             row["size_kb"] = (pkg / "model.onnx").stat().st_size / 1024
                             row["latency_ms"] = latency_ms(pkg / "model.onnx", task, args.repeats)

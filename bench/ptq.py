@@ -124,12 +124,18 @@ def latency_ms(model_path, task, repeats: int) -> float:
     return float(np.median(times) * 1000)
 
 
-def evaluate(model_path, task, fp32_out) -> dict:
+def evaluate(model_path, task, fp32_out, fp32_calib=None) -> dict:
+    """Accuracy and arg-max agreement with fp32 on the evaluation split; with `fp32_calib`, also the agreement on
+    the calibration inputs (`calib_agree`)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     out = datasets.run_task(sess, task)
-    return {"acc": task.score(out, task.eval_y), "agree": float(np.mean(out.argmax(-1) == fp32_out.argmax(-1)))}
+    scores = {"acc": task.score(out, task.eval_y), "agree": float(np.mean(out.argmax(-1) == fp32_out.argmax(-1)))}
+    if fp32_calib is not None:
+        calib = datasets.run_task(sess, task, task.calib)
+        scores["calib_agree"] = float(np.mean(calib.argmax(-1) == fp32_calib.argmax(-1)))
+    return scores
 
 
 def main() -> None:
