@@ -10,7 +10,7 @@ from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
 from passes.prune_channel import prune_channels
-from passes.prune_common import bias_shift, layer_statistics, prunable_layers, weight_rows
+from passes.prune_common import bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
 from passes.prune_sensitivity import measured_curves
 from passes.prune_sparse import error_curve, sparse_prune_layer
@@ -124,11 +124,7 @@ class Prune(Pass):
             def prune(node, ratio):
                 weight = np.asarray(node.inputs[1].values, dtype=np.float32)
                 new_w = sparse_prune_layer(node, weight, ratio, stats.get(node.name), n_m, group)[0]
-                out = {node.inputs[1].name: new_w}
-                if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.name in stats:
-                    out[node.inputs[2].name] = (np.asarray(node.inputs[2].values, np.float64)
-                                                + bias_shift(node, weight, new_w, stats[node.name])).astype(np.float32)
-                return out
+                return shifted_inputs(node, weight, new_w, stats.get(node.name))
 
             with ctx.progress("Measuring layer sensitivity", len(layers)) as advance:
                 nodes = {n.name: n for n in layers}

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import UnsupportedModelError
 from compiler.rewrite import const_value, fresh_name, set_input
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions
-from passes.prune_common import bias_shift, layer_statistics, rows_to_weight, weight_rows
+from passes.prune_common import layer_statistics, rows_to_weight, shifted_inputs, weight_rows
 from passes.prune_sensitivity import measured_curves
 
 
@@ -238,11 +238,7 @@ def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space]
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
             rows = weight_rows(node, weight).copy()
             rows[:, np.setdiff1d(np.arange(rows.shape[1]), consumer_columns(analysis, node, tensor, keep))] = 0.0
-            out[node.inputs[1].name] = new_w = rows_to_weight(node, rows, weight.shape)
-            bias, st = (node.inputs[2] if len(node.inputs) > 2 else None), stats.get(node.name)
-            if isinstance(bias, gs.Constant) and st is not None and bias.values.size == rows.shape[0]:
-                shifted = np.asarray(bias.values, np.float64).reshape(-1) + bias_shift(node, weight, new_w, st)
-                out[bias.name] = shifted.reshape(bias.values.shape).astype(bias.values.dtype)
+            out.update(shifted_inputs(node, weight, rows_to_weight(node, rows, weight.shape), stats.get(node.name)))
         return out
 
     with ctx.progress("Measuring channel-space sensitivity", len(units)) as advance:

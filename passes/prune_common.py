@@ -97,6 +97,17 @@ def bias_shift(node: gs.Node, old_w: np.ndarray, new_w: np.ndarray, st: LayerSta
     return np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
 
 
+def shifted_inputs(node: gs.Node, weight: np.ndarray, new_w: np.ndarray, st: LayerStats | None) -> dict[str, np.ndarray]:
+    """The layer's new constant inputs by tensor name when W becomes `new_w`: the weight, and a constant
+    per-output bias plus the mean output change (`bias_shift`) when there are statistics."""
+    out = {node.inputs[1].name: new_w}
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if isinstance(bias, gs.Constant) and st is not None and bias.values.size == weight_rows(node, new_w).shape[0]:
+        shifted = np.asarray(bias.values, np.float64).reshape(-1) + bias_shift(node, weight, new_w, st)
+        out[bias.name] = shifted.reshape(bias.values.shape).astype(bias.values.dtype)
+    return out
+
+
 def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator,
                  positions: list | None = None) -> np.ndarray | None:
     """Rows of the layer's input matching `weight_rows` columns, shaped [n, groups, d]; None when unsupported.
