@@ -234,12 +234,13 @@ def test_grouped_sparsity_on_a_conv_transpose_is_refused_naming_it(tmp_path):
                       verify=False, pipeline=f"prune{{{options.format(4)}}}")
 
 
-def test_step_schedule_removes_the_same_fraction_of_what_is_left_each_step():
-    ratios = step_ratios(0.7, 3)
-    assert ratios[-1] == 0.7
-    left = [1.0] + [1.0 - r for r in ratios]
-    assert np.allclose(np.array(left[1:]) / np.array(left[:-1]), 0.3 ** (1 / 3))
-    assert step_ratios(0.5, 1) == [0.5]
+def test_step_schedule_goes_to_one_step_ratio_first_then_in_bounded_steps():
+    assert step_ratios(0.5) == [0.5]
+    assert np.allclose(step_ratios(0.7), [0.5, 0.7])
+    assert np.allclose(step_ratios(0.9), [0.5, 0.7, 0.9])
+    assert np.allclose(step_ratios(0.71), [0.5, 0.605, 0.71])
+    assert np.allclose(step_ratios(0.7, 3), [0.5, 0.6, 0.7])
+    assert np.allclose(step_ratios(0.4, 2), [0.2, 0.4])
 
 
 def test_allocation_counts_the_zeros_an_earlier_step_left_and_never_undoes_them():
@@ -253,17 +254,18 @@ def test_allocation_counts_the_zeros_an_earlier_step_left_and_never_undoes_them(
 
 
 def test_pruning_in_steps_brings_held_out_outputs_closer_at_a_high_ratio(tmp_path):
-    """On the real sample ResNet at 0.7, three steps (statistics, sensitivity and refit redone on the model the
-    step before left) stay nearer the float model on 1,000 held-out digits than one step, at the same ratio."""
+    """On the real sample ResNet at 0.7, the default two steps (0.5, then 0.7 with statistics, sensitivity and
+    refit redone on the 0.5 model) stay nearer the float model on 1,000 held-out digits than one step, at the
+    same ratio (relative error 0.085 vs 0.102 when measured)."""
     with np.load(ROOT / "models" / "mnist_test.npz") as t:
         x = t["input"][:1000]
     float_out = run_model(onnx.load(str(SAMPLE)), {"input": x})[0]
     errors, zeros = {}, {}
-    for steps in (1, 3):
+    for steps in (1, 0):
         m = prune_sample(tmp_path, f"ratio=0.7,mode=sparse,steps={steps}")
         middle = conv_weights(m)[1:-1]
         zeros[steps] = sum(int(np.count_nonzero(w == 0)) for w in middle) / sum(w.size for w in middle)
         out = run_model(m, {"input": x})[0]
         errors[steps] = float(np.linalg.norm(out - float_out) / np.linalg.norm(float_out))
-    assert abs(zeros[3] - 0.7) < 0.005 and abs(zeros[1] - 0.7) < 0.005, zeros
-    assert errors[3] < 0.9 * errors[1], errors
+    assert abs(zeros[0] - 0.7) < 0.005 and abs(zeros[1] - 0.7) < 0.005, zeros
+    assert errors[0] < 0.9 * errors[1], errors
