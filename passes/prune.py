@@ -153,7 +153,8 @@ class Prune(Pass):
                 nodes = {n.name: n for n in layers}
                 units = [(n.name, n.name, [t.name for t in n.inputs[1:3] if isinstance(t, gs.Constant)]) for n in layers]
                 grid, curves = measured_curves(module.to_proto(), units, ctx.calib,
-                                               lambda name, ratio: prune(nodes[name], ratio), progress=advance)
+                                               lambda name, ratio: prune(nodes[name], ratio), progress=advance,
+                                               floors=floor)
             return allocate_sparsity(grid, curves, sizes, ratio, floor=floor)
         grid = np.round(np.arange(0.0, min(0.95, ratio + SPREAD) + 1e-9, 0.025), 6)
         return allocate_sparsity(grid, estimated_curves(layers, stats, grid), sizes, ratio, floor=floor)

@@ -38,10 +38,13 @@ def weights_as_inputs(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProt
 
 def measured_curves(proto: onnx.ModelProto, units: list[tuple[str, str, list[str]]], calib,
                     prune: Callable[[str, float], dict[str, np.ndarray]], points=POINTS, samples: int = SAMPLES,
-                    progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                    progress=None, floors: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(grid, {unit: output error at each grid ratio}) where grid = (0, *points). A unit is (key, the first
     node it changes, the constant tensors it changes); prune(key, ratio) gives those tensors' new values by
-    name (for sparse pruning a unit is one layer, for channel pruning one channel space and its consumers)."""
+    name (for sparse pruning a unit is one layer, for channel pruning one channel space and its consumers).
+    `floors`: the ratio each unit is pruned to already (an earlier step's zeros). The model as it is has the
+    unit at its floor, so the ratios at or below it are not run and their error is 0."""
+    floors = floors or {}
     names = {t for _, _, tensors in units for t in tensors}
     originals = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer if i.name in names}
     movable = weights_as_inputs(proto, names)
@@ -58,16 +61,18 @@ def measured_curves(proto: onnx.ModelProto, units: list[tuple[str, str, list[str
     energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in reference for o in ref.values())
     curves = {}
     for key, start, _ in units:
-        variants = [{**originals, **prune(key, ratio)} for ratio in points]
-        part_sess, batches = _influenced_part(proto, movable, start, calib, feeds, seen) or (sess, iter(feeds))
-        wanted = {i.name for i in part_sess.get_inputs()}
-        part_outputs = [o.name for o in part_sess.get_outputs()]
+        first = int(np.searchsorted(points, floors.get(key, 0.0) + 1e-9))  # the points above the floor
+        variants = [{**originals, **prune(key, ratio)} for ratio in points[first:]]
         errors = np.zeros(len(points))
-        for feed, ref in zip(batches, reference):  # one batch of entry tensors held at a time
-            for i, weights in enumerate(variants):
-                values = part_sess.run(None, {k: v for k, v in {**feed, **weights}.items() if k in wanted})
-                errors[i] += sum(float(np.sum(np.square(out.astype(np.float64) - ref[name])))
-                                 for name, out in zip(part_outputs, values))
+        if variants:
+            part_sess, batches = _influenced_part(proto, movable, start, calib, feeds, seen) or (sess, iter(feeds))
+            wanted = {i.name for i in part_sess.get_inputs()}
+            part_outputs = [o.name for o in part_sess.get_outputs()]
+            for feed, ref in zip(batches, reference):  # one batch of entry tensors held at a time
+                for i, weights in enumerate(variants, first):
+                    values = part_sess.run(None, {k: v for k, v in {**feed, **weights}.items() if k in wanted})
+                    errors[i] += sum(float(np.sum(np.square(out.astype(np.float64) - ref[name])))
+                                     for name, out in zip(part_outputs, values))
         curves[key] = np.maximum.accumulate(np.concatenate([[0.0], errors / max(energy, 1e-30)]))
         if progress is not None:
             progress(1)

@@ -19,6 +19,7 @@ from compiler.runtime import run_model
 from compiler.sparsity import skippable_zeros
 from passes.prune import FEW_SAMPLES, allocate_sparsity, step_ratios
 from passes.prune_refit import refit_layer
+from passes.prune_sensitivity import POINTS, measured_curves
 from passes.prune_sparse import obs_prune
 from graphs import init, model
 
@@ -269,3 +270,39 @@ def test_pruning_in_steps_brings_held_out_outputs_closer_at_a_high_ratio(tmp_pat
         errors[steps] = float(np.linalg.norm(out - float_out) / np.linalg.norm(float_out))
     assert abs(zeros[0] - 0.7) < 0.005 and abs(zeros[1] - 0.7) < 0.005, zeros
     assert errors[0] < 0.9 * errors[1], errors
+
+
+def test_sensitivity_skips_the_ratios_a_layer_is_already_pruned_to_and_loses_nothing(tmp_path):
+    """In a later step a layer already holds zeros: the model as it is has the layer at that floor, so the
+    measurement does not run ratios at or below it (error 0) and the ratios above measure as before."""
+    m = prune_sample(tmp_path, "ratio=0.5,mode=sparse,method=magnitude")
+    calib = load_calibration(CALIB, input_specs(Module.from_proto(m)))
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    node = convs[len(convs) // 2]
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    weight = inits[node.input[1]]
+    floor = np.count_nonzero(weight == 0) / weight.size
+    assert 0.4 < floor < 0.6, floor
+
+    asked = []
+
+    def prune(key, ratio):  # magnitude: the smallest |w| of each row go, existing zeros first
+        asked.append(ratio)
+        rows = weight.reshape(weight.shape[0], -1)
+        k = int(round(ratio * rows.shape[1]))
+        drop = np.argsort(np.abs(rows), axis=1)[:, :k]
+        out = rows.copy()
+        np.put_along_axis(out, drop, 0.0, axis=1)
+        return {node.input[1]: out.reshape(weight.shape)}
+
+    units = [(node.name, node.name, [node.input[1]])]
+    grid, everything = measured_curves(m, units, calib, prune)
+    assert sorted(asked) == sorted(POINTS)
+    asked.clear()
+    _, above = measured_curves(m, units, calib, prune, floors={node.name: floor})
+    skipped = grid <= floor
+    assert asked == [p for p in POINTS if p > floor]
+    assert np.all(above[node.name][skipped] == 0)
+    assert np.max(everything[node.name][skipped]) < 1e-9  # what the skipped ratios would have measured
+    assert np.allclose(above[node.name][~skipped], everything[node.name][~skipped], rtol=1e-9, atol=0)
+    assert above[node.name][-1] > 1e-4  # the ratios above the floor do cost something
