@@ -140,14 +140,13 @@ def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator,
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # N, C, Ho, Wo, kh, kw
     n, c, ho, wo = win.shape[:4]
     take = min(POSITIONS_PER_SAMPLE, ho * wo)
-    rows = []
-    for i in range(n):
-        pos = np.sort(rng.choice(ho * wo, size=take, replace=False)) if take < ho * wo else np.arange(ho * wo)
-        if positions is not None:
-            positions.append(pos)
-        patches = win[i][:, pos // wo, pos % wo]                       # C, P, kh, kw
-        rows.append(patches.transpose(1, 0, 2, 3))                     # P, C, kh, kw
-    patches = np.concatenate(rows)                                     # N*P, C, kh, kw
+    pos = np.stack([np.sort(rng.choice(ho * wo, size=take, replace=False)) if take < ho * wo
+                    else np.arange(ho * wo) for _ in range(n)])        # N, P
+    if positions is not None:
+        positions.extend(pos)
+    sample = np.repeat(np.arange(n), pos.shape[1])
+    flat = pos.reshape(-1)
+    patches = win[sample, :, flat // wo, flat % wo]                    # N*P, C, kh, kw
     return patches.reshape(len(patches), group, -1)
 
 
