@@ -138,7 +138,7 @@ def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator,
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # N, C, Ho, Wo, kh, kw
-    n, c, ho, wo = win.shape[:4]
+    n, _, ho, wo = win.shape[:4]
     take = min(POSITIONS_PER_SAMPLE, ho * wo)
     pos = np.stack([np.sort(rng.choice(ho * wo, size=take, replace=False)) if take < ho * wo
                     else np.arange(ho * wo) for _ in range(n)])        # N, P
