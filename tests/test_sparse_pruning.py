@@ -20,7 +20,7 @@ from compiler.sparsity import skippable_zeros
 from passes.prune import FEW_SAMPLES, allocate_sparsity, step_ratios
 from passes.prune_refit import refit_layer
 from passes.prune_sensitivity import POINTS, measured_curves
-from passes.prune_sparse import obs_prune
+from passes.prune_sparse import obs_prune, sparse_prune_layer
 from graphs import init, model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,26 +276,21 @@ def test_sensitivity_skips_the_ratios_a_layer_is_already_pruned_to_and_loses_not
     """In a later step a layer already holds zeros: the model as it is has the layer at that floor, so the
     measurement does not run ratios at or below it (error 0) and the ratios above measure as before."""
     m = prune_sample(tmp_path, "ratio=0.5,mode=sparse,method=magnitude")
-    calib = load_calibration(CALIB, input_specs(Module.from_proto(m)))
-    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    module = Module.from_proto(m)
+    calib = load_calibration(CALIB, input_specs(module))
+    convs = [n for n in module.graph.nodes if n.op == "Conv"]
     node = convs[len(convs) // 2]
-    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-    weight = inits[node.input[1]]
+    weight = np.asarray(node.inputs[1].values, np.float32)
     floor = np.count_nonzero(weight == 0) / weight.size
     assert 0.4 < floor < 0.6, floor
 
     asked = []
 
-    def prune(key, ratio):  # magnitude: the smallest |w| of each row go, existing zeros first
+    def prune(key, ratio):  # the pass's magnitude pruning: existing zeros go first
         asked.append(ratio)
-        rows = weight.reshape(weight.shape[0], -1)
-        k = int(round(ratio * rows.shape[1]))
-        drop = np.argsort(np.abs(rows), axis=1)[:, :k]
-        out = rows.copy()
-        np.put_along_axis(out, drop, 0.0, axis=1)
-        return {node.input[1]: out.reshape(weight.shape)}
+        return {node.inputs[1].name: sparse_prune_layer(node, weight, ratio, None, None)[0]}
 
-    units = [(node.name, node.name, [node.input[1]])]
+    units = [(node.name, node.name, [node.inputs[1].name])]
     grid, everything = measured_curves(m, units, calib, prune)
     assert sorted(asked) == sorted(POINTS)
     asked.clear()
