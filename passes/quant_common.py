@@ -44,14 +44,16 @@ def quantize_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarr
 def gptq_round(rows: np.ndarray, hessian: np.ndarray, scale: np.ndarray, damp: float = 0.01) -> np.ndarray:
     """Int8 values for `rows` ([outputs, d], per-row `scale`) rounded column by column with the error of each
     column pushed onto the columns not yet rounded through the Cholesky factor of H⁻¹ (H = Σ x xᵀ of the
-    layer input), so the layer output moves less than with rounding to nearest."""
+    layer input), so the layer output moves less than with rounding to nearest. A weight that is exactly zero
+    (pruned) stays zero, so the sparsity the target skips survives; the updates it received move on too."""
     w = rows.astype(np.float64).copy()
     d = w.shape[1]
+    pruned = rows == 0
     u, _ = inverse_hessian_factor(hessian, damp)
     s = scale.astype(np.float64)
     q = np.empty_like(w)
     for j in range(d):
-        qj = np.clip(np.round(w[:, j] / s), -127, 127)
+        qj = np.where(pruned[:, j], 0.0, np.clip(np.round(w[:, j] / s), -127, 127))
         q[:, j] = qj
         err = (w[:, j] - qj * s) / u[j, j]
         w[:, j + 1:] -= np.outer(err, u[j, j + 1:])

@@ -61,6 +61,24 @@ def test_deploy_json_says_what_happened(compiled):
     assert lines and all(re.fullmatch(r"\S+ 0x[0-9a-f]+ 0x[0-9a-f]+", line) for line in lines)
 
 
+def test_int8_weights_keep_every_zero_the_pruning_left(compiled):
+    """Second-order weight rounding pushes each column's error onto the columns after it; a pruned (zero) weight
+    must stay zero through it, or the target skips fewer weights than the report says."""
+    out, dump = compiled
+    pruned = onnx.load(str(next(dump.glob("*_prune.onnx"))))
+    zeros = {t.name: onnx.numpy_helper.to_array(t) == 0 for t in pruned.graph.initializer if len(t.dims) >= 2}
+    int8 = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    checked = [name for name in zeros if name + "_int8" in int8 and zeros[name].mean() > 0.3]
+    assert len(checked) >= 5
+    for name in checked:
+        assert np.all(int8[name + "_int8"][zeros[name]] == 0), name
+    deploy = {l["name"]: l for l in json.loads((out / "deploy.json").read_text())["layers"]}
+    report = json.loads((out / "report.json").read_text())
+    for layer in report["layers"]:
+        if "params_after" in layer:
+            assert deploy[layer["name"]]["weight_sparsity"] >= layer["sparsity"] - 1e-9, layer["name"]
+
+
 def test_lossless_pipeline_matches_original(tmp_path):
     out = tmp_path / "lossless"
     assert main(["compile", str(SAMPLE), "--pipeline", LOSSLESS, "--calib", str(CALIB), "--out", str(out)]) == 0

@@ -7,6 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler.api import compile_model
 from compiler.observers import TensorObserver, choose_range, histogram_mse, quant_params
+from passes.quant_common import gptq_round
 from graphs import init, model, rand
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -157,6 +158,21 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path):
         shift[flag] = float(np.abs((have - want)[:, :, 1:-1, 1:-1].mean(axis=(0, 2, 3))).max())
     assert shift["false"] > 0.1, shift
     assert shift["true"] < 0.25 * shift["false"], shift
+
+
+def test_gptq_rounding_keeps_pruned_zeros_and_still_moves_the_output_less_than_nearest():
+    """On correlated post-ReLU inputs, a weight matrix with 60% zeros: every zero stays zero, and the layer output
+    moves less than with rounding to nearest (which keeps zeros by itself; measured 0.81x)."""
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal((4000, 64)) @ rng.standard_normal((64, 64)), 0)
+    w = rng.standard_normal((32, 64))
+    w[rng.random(w.shape) < 0.6] = 0
+    scale = np.abs(w).max(axis=1) / 127
+    gptq = gptq_round(w, x.T @ x, scale).astype(np.float64)
+    nearest = np.clip(np.round(w / scale[:, None]), -127, 127)
+    assert np.all(gptq[w == 0] == 0)
+    moved = lambda q: np.linalg.norm(x @ (q * scale[:, None] - w).T)
+    assert moved(gptq) < 0.9 * moved(nearest), (moved(gptq), moved(nearest))
 
 
 def test_conv_read_by_a_float_op_still_fuses_into_qlinearconv(tmp_path):
