@@ -44,9 +44,11 @@ def build_descriptor(inp: PackageInputs) -> tuple[dict, list[str], dict]:
     model, target, ctx = inp.model, inp.target, inp.ctx
     part = partition(model, target)
     plan = plan_memory(model, target, part)
-    sparsity = weight_sparsity(model, int(target.sparsity.get("group_size", 1)))
+    zeros = weight_zeros(model, int(target.sparsity.get("group_size", 1)))
+    sparsity = {name: z / max(size, 1) for name, (z, size) in zeros.items()}
     cost = estimate(model, target, part, sparsity)
     macs, params = count_macs(model), count_params(model)
+    macs_before, params_before = count_macs(inp.reference), count_params(inp.reference)
     act_q, w_q = activation_quant_params(model), weight_quant_params(model)
     plan_dict = plan.to_dict()
     tensor_addr = {t["name"]: t for t in plan_dict["tensors"]}
@@ -66,10 +68,15 @@ def build_descriptor(inp: PackageInputs) -> tuple[dict, list[str], dict]:
             "inputs": list(node.input), "outputs": list(node.output),
             "macs": int(macs.get(node.name, 0)), "params": int(params.get(node.name, 0)),
             "weight_sparsity": float(sparsity.get(node.name, 0.0)),
+            "nonzero_macs": round(macs.get(node.name, 0) * (1.0 - sparsity.get(node.name, 0.0))),
+            "nonzero_params": int(params.get(node.name, 0)) - zeros.get(node.name, (0, 0))[0],
             "weight_offset": w0["offset"] if w0 else None, "weight_size": sum(tensor_addr[w]["size"] for w in weights),
             "quantized": any(i in dq_of or i in act_q for i in node.input),
             "latency_us": cost_layers.get(node.name, {}).get("latency_us"),
         }
+        if node.name in macs_before or node.name in params_before:  # before pruning (the float model after
+            entry["macs_before"] = int(macs_before.get(node.name, 0))  # the lossless passes)
+            entry["params_before"] = int(params_before.get(node.name, 0))
         if node.name in part.reasons:
             entry["cpu_reason"] = part.reasons[node.name]
         entry.update({k: v for k, v in ctx.layers.get(node.name, {}).items() if k not in entry})
@@ -113,6 +120,10 @@ def build_descriptor(inp: PackageInputs) -> tuple[dict, list[str], dict]:
             "weight_bytes": sum(t["size"] for t in plan_dict["tensors"] if t["region"] == "weight"),
             "macs": int(sum(macs.values())),
             "params": int(sum(params.values())),
+            "nonzero_macs": sum(l["nonzero_macs"] for l in layers),
+            "nonzero_params": sum(l["nonzero_params"] for l in layers),
+            "macs_before": int(sum(macs_before.values())),
+            "params_before": int(sum(params_before.values())),
             "estimated_latency_ms": cost_dict.get("total_latency_ms"),
             "layers_on_drpai": sum(1 for l in layers if l["engine"] == "drpai"),
             "layers_on_cpu": sum(1 for l in layers if l["engine"] == "cpu"),
@@ -166,6 +177,11 @@ def build_report(inp: PackageInputs, descriptor: dict, cost: dict) -> dict:
 def weight_sparsity(model: onnx.ModelProto, group_size: int = 1) -> dict[str, float]:
     """Fraction of zero weights the accelerator can skip (see compiler.sparsity) of every node with a weight
     (the first constant input after the data)."""
+    return {name: zeros / max(size, 1) for name, (zeros, size) in weight_zeros(model, group_size).items()}
+
+
+def weight_zeros(model: onnx.ModelProto, group_size: int = 1) -> dict[str, tuple[int, int]]:
+    """(skippable zero weights, weight elements) of every node with a weight, as weight_sparsity counts them."""
     consts = initializer_values(model)
     dq_source = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     out = {}
@@ -178,7 +194,7 @@ def weight_sparsity(model: onnx.ModelProto, group_size: int = 1) -> dict[str, fl
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = reduction_axis(node.op_type, w.ndim, trans_b)
             zeros = skippable_zeros(w, axis, group_size) if axis is not None else int(np.count_nonzero(w == 0))
-            out[node.name] = zeros / max(w.size, 1)
+            out[node.name] = (int(zeros), int(w.size))
     return out
 
 

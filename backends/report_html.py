@@ -23,12 +23,13 @@ def render_report(descriptor: dict, report: dict) -> str:
         "<section><h2>Summary</h2><table class='kv'>",
         _kv("Model", descriptor["provenance"].get("model_path", "")),
         _kv("Layers on DRP-AI / CPU", f"{t['layers_on_drpai']} / {t['layers_on_cpu']}"),
-        _kv("MACs", f"{t['macs']:,}"), _kv("Parameters", f"{t['params']:,}"),
+        *_counts(t, _pruned(report)),
         _kv("DRP-AI memory", f"{_mib(t['memory_bytes'])} (activations {_mib(t['activation_bytes'])}, "
                              f"{_mib(t['activation_bytes_no_reuse'])} without reuse)"),
         _kv("Estimated latency", f"{t['estimated_latency_ms']:.3f} ms" if t.get("estimated_latency_ms") is not None else "-"),
         "</table></section>",
         _pipeline_section(descriptor, report),
+        _pruning_section(descriptor) if _pruned(report) else "",
         _placement_section(descriptor),
         _memory_section(descriptor),
         _layer_charts(descriptor),
@@ -47,6 +48,47 @@ def _pipeline_section(descriptor, report) -> str:
     return (f"<section><h2>Pipeline</h2><p><code>{_e(descriptor['provenance']['pipeline'])}</code></p>"
             "<table><tr><th>#</th><th>pass</th><th>IR</th><th>time</th><th>what it did</th></tr>"
             + "".join(rows) + "</table></section>")
+
+
+def _pruned(report) -> bool:
+    return any(p["name"] == "prune" and p["changed"] for p in report.get("passes", []))
+
+
+def _counts(t, pruned: bool) -> list[str]:
+    if not pruned:
+        return [_kv("MACs", f"{t['macs']:,}"), _kv("Parameters", f"{t['params']:,}")]
+    return [_kv(f"{label} before pruning → non-zero after",
+                f"{t[key + '_before']:,} → {t['nonzero_' + key]:,} ({_change(t[key + '_before'], t['nonzero_' + key])})")
+            for label, key in (("MACs", "macs"), ("Parameters", "params"))]
+
+
+def _pruning_section(descriptor) -> str:
+    """One row per layer that pruning changed: weights and MACs before → after, channels, refit error."""
+    rows = []
+    for l in descriptor["layers"]:
+        before = l.get("params_before", 0)
+        touched = any(k in l for k in ("sparsity", "channels_after", "sequential_refit"))
+        if not before or not (touched or l["macs"] != l.get("macs_before", l["macs"])):
+            continue
+        channels = (f"{l['channels_before']} → {l['channels_after']}" if "channels_after" in l else "-")
+        refit = l.get("sequential_refit") or {}
+        error = (f"{max(refit['error_before'], 0):.4f} → {max(refit['error_after'], 0):.4f}"
+                 if "error_after" in refit else "-")
+        rows.append(f"<tr><td>{_e(l['name'])}</td><td>{_e(l['op'])}</td>"
+                    f"<td>{before:,} → {l['nonzero_params']:,}</td><td>{_change(before, l['nonzero_params'])}</td>"
+                    f"<td>{l.get('macs_before', 0):,} → {l['nonzero_macs']:,}</td><td>{l['weight_sparsity']:.1%}</td>"
+                    f"<td>{channels}</td><td>{error}</td></tr>")
+    return ("<section><h2>Pruning</h2>"
+            "<p class='note'>Per pruned layer: parameters and MACs in the float model before pruning → non-zero in the "
+            "package (what a zero-skipping engine computes). Refit error: on the calibration data, with the pruned "
+            "model's own inputs, the layer's squared error against the float model's output relative to that "
+            "output's variance, before → after its least-squares refit.</p>"
+            "<table><tr><th>layer</th><th>op</th><th>params</th><th>change</th><th>MACs</th><th>weight sparsity</th>"
+            "<th>channels</th><th>refit error</th></tr>" + "".join(rows) + "</table></section>")
+
+
+def _change(before: int, after: int) -> str:
+    return f"{(after - before) / max(before, 1):+.1%}"
 
 
 def _placement_section(descriptor) -> str:

@@ -51,12 +51,8 @@ def compile_one(task, calib_path: Path, out: Path, pipeline: str) -> dict:
 
 def weights_and_macs(pkg: Path) -> tuple[int, int, int]:
     """(non-zero weights, dense MACs, MACs of non-zero weights) from the package's deploy.json."""
-    deploy = json.loads((pkg / "deploy.json").read_text())
-    layers = deploy["layers"]
-    nonzero = sum(round(l["params"] * (1 - l["weight_sparsity"])) for l in layers)
-    macs = sum(l["macs"] for l in layers)
-    effective = sum(round(l["macs"] * (1 - l["weight_sparsity"])) for l in layers)
-    return nonzero, macs, effective
+    totals = json.loads((pkg / "deploy.json").read_text())["totals"]
+    return totals["nonzero_params"], totals["macs"], totals["nonzero_macs"]
 
 
 def main() -> None:

@@ -77,12 +77,21 @@ def compile_cmd(
         for i, r in enumerate(result.records, 1):
             table.add_row(str(i), r.name, "yes" if r.changed else "-", f"{r.seconds:.3f}")
         out.print(table)
+    pruned = any(r.name == "prune" and r.changed for r in result.records)
     out.print(f"layers: {t['layers_on_drpai']} on DRP-AI, {t['layers_on_cpu']} on CPU; "
-              f"MACs {t['macs']:,}; params {t['params']:,}")
+              f"{_count('MACs', t, 'macs', pruned)}; {_count('params', t, 'params', pruned)}")
     out.print(f"memory: {t['memory_bytes'] / 2**20:.2f} MiB (activations {t['activation_bytes'] / 2**20:.2f} MiB, "
               f"{t['activation_bytes_no_reuse'] / 2**20:.2f} MiB without reuse); "
               f"estimated latency {t['estimated_latency_ms']:.3f} ms")
     out.print(f"package: {result.out_dir}")
+
+
+def _count(label: str, totals: dict, key: str, pruned: bool) -> str:
+    """'MACs 5,791,744', or after pruning 'MACs 5,791,744 → 2,248,224 non-zero (−61.2%)' (before → after)."""
+    if not pruned:
+        return f"{label} {totals[key]:,}"
+    before, after = totals[f"{key}_before"], totals[f"nonzero_{key}"]
+    return f"{label} {before:,} → {after:,} non-zero ({(after - before) / max(before, 1):+.1%})"
 
 
 @app.command("simulate")

@@ -134,8 +134,7 @@ class Prune(Pass):
             skipped = _zeros(node, group)
             zeros += skipped
             if ctx is not None:
-                ctx.layer(node.name, sparsity=skipped / max(new_w.size, 1), params_before=int(weight.size),
-                          params_after=int(np.count_nonzero(new_w)), prune_refit=info)
+                ctx.layer(node.name, sparsity=skipped / max(new_w.size, 1), prune_refit=info)
         if dense is not None:
             refit_in_order(module, ctx, layers, dense)
         return zeros

@@ -221,23 +221,45 @@ def test_unknown_op_named_when_the_ratio_cannot_be_met(tmp_path):
         pruned(tmp_path, unknown_op_model(), 0.9)
 
 
-def test_sample_resnet_prunes_across_residual_adds(tmp_path):
-    """The shipped ResNet-style model: channel pruning at 0.5 now crosses its residual Adds."""
+def test_sample_resnet_prunes_across_residual_adds_and_reports_before_and_after(tmp_path, capsys):
+    """The shipped ResNet-style model through the CLI: channel pruning at 0.5 crosses its residual Adds, keeps
+    accuracy, and the summary line, deploy.json and report.html give MACs and params before → after."""
+    import json
     from pathlib import Path
+
+    from compiler.cli import main
+    from compiler.runtime import run_model
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "pkg"
-    result = compile_model(root / "models" / "mnist_resnet.onnx", "rzv2h", out, calib=root / "models" / "mnist_calib.npz",
-                           prune=0.5, prune_mode="channel")
-    deploy = __import__("json").loads((out / "deploy.json").read_text())
-    assert deploy["layers"]
+    assert main(["compile", str(root / "models" / "mnist_resnet.onnx"), "--target", "rzv2h", "--prune", "0.5",
+                 "--prune-mode", "channel", "--calib", str(root / "models" / "mnist_calib.npz"), "--out", str(out)]) == 0
     with np.load(root / "models" / "mnist_test.npz") as t:
         x, y = t["input"][:500], t["labels"][:500]
-    from compiler.runtime import run_model
-
     acc = float(np.mean(run_model(onnx.load(str(out / "model.onnx")), {"input": x})[0].argmax(1) == y))
     assert acc > 0.8, acc
-    assert result is not None
+
+    deploy = json.loads((out / "deploy.json").read_text())
+    reference = onnx.load(str(out / "reference.onnx"))
+    weights = {t.name: t for t in reference.graph.initializer}
+    convs = [n for n in reference.graph.node if n.op_type in ("Conv", "Gemm")]
+    layers = {l["name"]: l for l in deploy["layers"]}
+    shrunk = 0
+    for node in convs:  # before = the float model's own weight and bias sizes
+        size = sum(int(np.prod(weights[i].dims)) for i in node.input[1:] if i in weights)
+        assert layers[node.name]["params_before"] == size, node.name
+        shrunk += layers[node.name]["params"] < size and layers[node.name]["macs"] < layers[node.name]["macs_before"]
+    assert shrunk >= 4
+    t = deploy["totals"]
+    assert t["macs"] < t["macs_before"] and t["params"] < 0.6 * t["params_before"]
+    assert t["params_before"] == sum(l.get("params_before", 0) for l in deploy["layers"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("layers:"))
+    assert f"MACs {t['macs_before']:,} → {t['nonzero_macs']:,} non-zero" in line, line
+    assert f"params {t['params_before']:,} → {t['nonzero_params']:,} non-zero" in line, line
+    page = (out / "report.html").read_text()
+    cut = [l for l in deploy["layers"] if l.get("channels_after", 0) < l.get("channels_before", 0)]
+    assert "<h2>Pruning</h2>" in page and cut
+    assert all(f"<td>{l['channels_before']} → {l['channels_after']}</td>" in page for l in cut)
 
 
 def test_model_without_conv_or_gemm_layers_is_refused_naming_the_alternative(tmp_path):

@@ -75,8 +75,33 @@ def test_int8_weights_keep_every_zero_the_pruning_left(compiled):
     deploy = {l["name"]: l for l in json.loads((out / "deploy.json").read_text())["layers"]}
     report = json.loads((out / "report.json").read_text())
     for layer in report["layers"]:
-        if "params_after" in layer:
+        if "sparsity" in layer:  # what the prune pass left
             assert deploy[layer["name"]]["weight_sparsity"] >= layer["sparsity"] - 1e-9, layer["name"]
+
+
+def test_deploy_json_counts_params_and_macs_before_and_after_pruning(compiled):
+    """Before: the float model after the lossless passes. After: the package's weights, with the zeros the
+    target skips left out, counted here from the int8 tensors themselves."""
+    out, _ = compiled
+    deploy = json.loads((out / "deploy.json").read_text())
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    dq = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    layers = {l["name"]: l for l in deploy["layers"]}
+    pruned = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or dq.get(node.input[1]) not in inits:
+            continue
+        w, bias = inits[dq[node.input[1]]], inits[dq[node.input[2]]]
+        layer = layers[node.name]
+        assert layer["nonzero_params"] == np.count_nonzero(w) + bias.size, node.name
+        assert layer["nonzero_macs"] == round(layer["macs"] * np.count_nonzero(w) / w.size), node.name
+        assert layer["macs_before"] == layer["macs"] and layer["params_before"] == layer["params"]  # same shapes
+        pruned += np.count_nonzero(w) < 0.5 * w.size
+    assert pruned >= 5
+    t = deploy["totals"]
+    assert t["nonzero_params"] == sum(l["nonzero_params"] for l in layers.values())
+    assert t["nonzero_macs"] < 0.5 * t["macs_before"] and t["params_before"] == t["params"]
 
 
 def test_lossless_pipeline_matches_original(tmp_path):

@@ -105,6 +105,17 @@ def test_sample_package_reuses_activation_memory(sample_package):
     assert all(l["weight_offset"] is not None for l in layers.values() if l["op"] == "Conv")
 
 
+def test_report_html_gives_every_pruned_layer_before_and_after(sample_package):
+    deploy = json.loads((sample_package / "deploy.json").read_text())
+    page = (sample_package / "report.html").read_text()
+    pruned = [l for l in deploy["layers"] if "sparsity" in l]
+    assert len(pruned) >= 5 and "<h2>Pruning</h2>" in page
+    for l in pruned:
+        assert f"<td>{l['name']}</td><td>{l['op']}</td><td>{l['params_before']:,} → {l['nonzero_params']:,}</td>" in page
+    t = deploy["totals"]
+    assert f"{t['macs_before']:,} → {t['nonzero_macs']:,}" in page
+
+
 def test_report_html_renders_in_headless_chromium(sample_package, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -116,7 +127,7 @@ def test_report_html_renders_in_headless_chromium(sample_package, tmp_path):
     dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-500:]
     html = dom.stdout
-    for section in ("Pipeline", "Placement", "Memory map", "Per layer"):
+    for section in ("Pipeline", "Pruning", "Placement", "Memory map", "Per layer"):
         assert f"<h2>{section}</h2>" in html
     assert html.count("<rect") > 20
     shot = tmp_path / "report.png"
