@@ -57,9 +57,14 @@ def _pruned(report) -> bool:
 def _counts(t, pruned: bool) -> list[str]:
     if not pruned:
         return [_kv("MACs", f"{t['macs']:,}"), _kv("Parameters", f"{t['params']:,}")]
-    return [_kv(f"{label} before pruning → non-zero after",
-                f"{t[key + '_before']:,} → {t['nonzero_' + key]:,} ({_change(t[key + '_before'], t['nonzero_' + key])})")
+    return [_kv(f"{label} before pruning → non-zero after", before_after(t, key))
             for label, key in (("MACs", "macs"), ("Parameters", "params"))]
+
+
+def before_after(totals: dict, key: str, after_label: str = "") -> str:
+    """'5,791,744 → 2,247,336 (-61.2%)': `key` ("macs" or "params") before pruning → non-zero in the package."""
+    before, after = totals[f"{key}_before"], totals[f"nonzero_{key}"]
+    return f"{before:,} → {after:,}{after_label} ({_change(before, after)})"
 
 
 def _pruning_section(descriptor) -> str:

@@ -87,11 +87,12 @@ def compile_cmd(
 
 
 def _count(label: str, totals: dict, key: str, pruned: bool) -> str:
-    """'MACs 5,791,744', or after pruning 'MACs 5,791,744 → 2,248,224 non-zero (−61.2%)' (before → after)."""
+    """'MACs 5,791,744', or after pruning 'MACs 5,791,744 → 2,247,336 non-zero (-61.2%)' (before → after)."""
     if not pruned:
         return f"{label} {totals[key]:,}"
-    before, after = totals[f"{key}_before"], totals[f"nonzero_{key}"]
-    return f"{label} {before:,} → {after:,} non-zero ({(after - before) / max(before, 1):+.1%})"
+    from backends.report_html import before_after
+
+    return f"{label} {before_after(totals, key, ' non-zero')}"
 
 
 @app.command("simulate")
