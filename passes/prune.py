@@ -79,7 +79,9 @@ class Prune(Pass):
         target = getattr(ctx, "target", None)
         mode = self.mode or getattr(target, "default_prune_mode", "sparse")
         if ctx is not None and (ctx.calib is None or ctx.calib.synthetic):
-            ctx.warn("pruning chose weights with synthetic inputs: accuracy after pruning is unmeasured")
+            ctx.warn("pruning chose and refit weights on synthetic inputs (no --calib): expect a large accuracy loss "
+                     "(efficientnet_lite0, sparse 0.5: 8% top-1 this way, 82% with 200 real images); give --calib "
+                     "a few hundred real inputs")
         elif ctx is not None and self.method == "obs" and ctx.calib.num_samples < FEW_SAMPLES:
             ctx.warn(f"pruning chose and refit weights on only {ctx.calib.num_samples} calibration samples: with fewer "
                      f"than {FEW_SAMPLES} the result fits them more closely than other inputs; check it on held-out "
