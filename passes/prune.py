@@ -12,6 +12,7 @@ from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
 from passes.prune_channel import prune_channels
+from passes.float_layers import STEM_CHANNELS
 from passes.prune_common import bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
 from passes.prune_sensitivity import measured_curves
@@ -52,7 +53,8 @@ class Prune(Pass):
     OPTIONS = {
         "ratio": Option(float, 0.5, "fraction of prunable weights to remove", minimum=0.0, maximum=1.0, exclusive_max=True),
         "mode": Option(str, "", "sparse | channel (default: the target's)", choices=("", "sparse", "channel")),
-        "first_layer": Option(bool, False, "also prune the first Conv"),
+        "first_layer": Option(bool, False, "also prune the stem (the first Conv when it reads at most "
+                              f"{STEM_CHANNELS} channels; a wider first Conv is always prunable)"),
         "classifier": Option(bool, False, "also prune the last Gemm/MatMul"),
         "pattern": Option(str, "", "sparse pattern: unstructured or N:M (default: the target's)"),
         "group_size": Option(int, 0, "sparse: zero whole groups of this many consecutive input channels at one kernel "
@@ -90,7 +92,7 @@ class Prune(Pass):
         layers = prunable_layers(module.graph, self.first_layer, self.classifier)
         if not layers:
             raise UnsupportedModelError("nothing to prune: no Conv/ConvTranspose/Gemm/MatMul with constant weights "
-                                        "(first layer and classifier are kept unless first_layer/classifier=true)")
+                                        "(the stem conv and the classifier are kept unless first_layer/classifier=true)")
         if mode == "channel":
             round_to = self.round_to or getattr(target, "channel_round_to", 1)
             dense = module.to_proto() if self.method == "obs" and self.refit else None

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.activations import stream_activations
 from compiler.rewrite import const_value
+from passes.float_layers import STEM_CHANNELS
 
 PRUNABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 POSITIONS_PER_SAMPLE = 256  # im2col rows kept per sample and layer (random subset of output positions)
@@ -21,7 +22,9 @@ POSITIONS_PER_SAMPLE = 256  # im2col rows kept per sample and layer (random subs
 
 def prunable_layers(graph: gs.Graph, first_layer: bool, classifier: bool) -> list[gs.Node]:
     """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float weight (rank >= 2), in topological order,
-    without the first Conv and the last Gemm/MatMul unless asked."""
+    without the stem (the first Conv, when it reads at most STEM_CHANNELS channels) and the last Gemm/MatMul
+    unless asked. A stem holds few weights and sees raw pixels; a wider first Conv (magika's, 84% of its
+    weights, after an embedding) is an ordinary layer: keeping it would leave --prune nearly nothing to take."""
     layers = []
     for node in graph.nodes:
         if node.op not in PRUNABLE or len(node.inputs) < 2:
@@ -34,11 +37,17 @@ def prunable_layers(graph: gs.Graph, first_layer: bool, classifier: bool) -> lis
         layers.append(node)
     convs = [n for n in layers if n.op in ("Conv", "ConvTranspose")]
     heads = [n for n in layers if n.op in ("Gemm", "MatMul")]
-    if convs and not first_layer:
+    if convs and not first_layer and _input_channels(convs[0]) <= STEM_CHANNELS:
         layers.remove(convs[0])
     if heads and not classifier:
         layers.remove(heads[-1])
     return layers
+
+
+def _input_channels(node: gs.Node) -> int:
+    """Input channels of a Conv ([Cout, Cin/group, ...] weight) or ConvTranspose ([Cin, Cout/group, ...])."""
+    shape = np.asarray(node.inputs[1].values).shape
+    return shape[0] if node.op == "ConvTranspose" else shape[1] * int(node.attrs.get("group", 1))
 
 
 def weight_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:

@@ -54,6 +54,29 @@ def test_achieved_ratio_is_exact_and_first_layer_and_classifier_are_kept(tmp_pat
     assert abs(zeros / sum(w.size for w in middle) - 0.6) < 0.005
 
 
+@pytest.mark.parametrize("channels, stem_kept", [(3, True), (16, False)])
+def test_first_conv_is_kept_only_when_it_is_a_few_channel_stem(tmp_path, channels, stem_kept):
+    """A 3-channel first Conv (an image stem) is kept by default; a 16-channel one (magika's first Conv reads a
+    128-wide embedding and holds 84% of its weights) is pruned like any layer; first_layer=true prunes both."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="first", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="second", pads=[1, 1, 1, 1])]
+    src = tmp_path / "two.onnx"
+    onnx.save(model(nodes, [("x", TensorProto.FLOAT, ["N", channels, 8, 8])], [("y", TensorProto.FLOAT, None)],
+                    [init("w1", rng.standard_normal((16, channels, 3, 3)).astype(np.float32)),
+                     init("b1", np.zeros(16, np.float32)),
+                     init("w2", rng.standard_normal((16, 16, 3, 3)).astype(np.float32)),
+                     init("b2", np.zeros(16, np.float32))]), src)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, channels, 8, 8)).astype(np.float32))
+    for first_layer in ("false", "true"):
+        out = tmp_path / first_layer
+        compile_model(src, "rzv2h", out, calib=tmp_path / "calib.npz", force=True, verify=False,
+                      pipeline=f"prune{{ratio=0.5,mode=sparse,first_layer={first_layer}}}")
+        first = conv_weights(onnx.load(str(out / "model.onnx")))[0]
+        assert (np.count_nonzero(first == 0) == 0) == (stem_kept and first_layer == "false")
+
+
 def test_obs_keeps_outputs_closer_than_magnitude(tmp_path, test_data):
     """The guarantee of OBS: on held-out digits, outputs stay closer to the float model than magnitude
     pruning of the same ratio, and accuracy stays near the float model's."""
