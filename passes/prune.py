@@ -11,8 +11,8 @@ from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
-from passes.prune_channel import prune_channels
 from passes.float_layers import STEM_CHANNELS
+from passes.prune_channel import prune_channels
 from passes.prune_common import bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
 from passes.prune_sensitivity import measured_curves
