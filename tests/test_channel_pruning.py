@@ -6,13 +6,18 @@ streams, Concat, Split, Slice, depthwise convs, SE gates, Flatten into Gemm). Li
 at larger ratios; the result must stay a valid model with consistent shapes.
 """
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from compiler.api import compile_model
+from compiler.cli import main
 from compiler.errors import DrpcError
+from compiler.runtime import run_model
 from graphs import init, model, outputs_close, rand
 
 N = 8  # calibration samples
@@ -108,8 +113,6 @@ def test_residual_stream_with_live_channels_stays_valid_and_close(tmp_path):
     proto = residual_model(dead=())
     out = pruned(tmp_path, proto, 0.3)
     f = feed(proto)
-    from compiler.runtime import run_model
-
     want, have = run_model(proto, f)[0], run_model(out, f)[0]
     assert have.shape == want.shape
     assert np.corrcoef(want.ravel(), have.ravel())[0, 1] > 0.5
@@ -224,12 +227,6 @@ def test_unknown_op_named_when_the_ratio_cannot_be_met(tmp_path):
 def test_sample_resnet_prunes_across_residual_adds_and_reports_before_and_after(tmp_path, capsys):
     """The shipped ResNet-style model through the CLI: channel pruning at 0.5 crosses its residual Adds, keeps
     accuracy, and the summary line, deploy.json and report.html give MACs and params before → after."""
-    import json
-    from pathlib import Path
-
-    from compiler.cli import main
-    from compiler.runtime import run_model
-
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "pkg"
     assert main(["compile", str(root / "models" / "mnist_resnet.onnx"), "--target", "rzv2h", "--prune", "0.5",
@@ -296,11 +293,6 @@ def test_tensor_read_inside_an_if_branch_blocks_its_group(tmp_path):
 def resnet_channel_pruned(tmp_path, options: str):
     """The shipped ResNet channel-pruned at 0.5 with extra prune `options`: (model, report, relative error of its
     logits to float on 500 held-out digits)."""
-    import json
-    from pathlib import Path
-
-    from compiler.runtime import run_model
-
     root = Path(__file__).resolve().parents[1]
     src = root / "models" / "mnist_resnet.onnx"
     with np.load(root / "models" / "mnist_test.npz") as t:
@@ -336,8 +328,6 @@ def test_measured_allocation_beats_ranks_alone_on_the_resnet(tmp_path):
     must leave the held-out logits much closer to float than spreading the cut by channel ranks alone, both
     without the refit so only the choice of channels differs; both remove the asked fraction of the prunable
     weights, as counted in the pruned model."""
-    from pathlib import Path
-
     from compiler.ir import Module
     from passes.prune_common import prunable_layers
 

@@ -57,7 +57,7 @@ def test_achieved_ratio_is_exact_and_first_layer_and_classifier_are_kept(tmp_pat
 @pytest.mark.parametrize("channels, stem_kept", [(3, True), (16, False)])
 def test_first_conv_is_kept_only_when_it_is_a_few_channel_stem(tmp_path, channels, stem_kept):
     """A 3-channel first Conv (an image stem) is kept by default; a 16-channel one (magika's first Conv reads a
-    128-wide embedding and holds 84% of its weights) is pruned like any layer; first_layer=true prunes both."""
+    256-wide embedding and holds 84% of its weights) is pruned like any layer; first_layer=true prunes both."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="first", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["h"], ["r"]),
