@@ -77,9 +77,12 @@ def compile_cmd(
         for i, r in enumerate(result.records, 1):
             table.add_row(str(i), r.name, "yes" if r.changed else "-", f"{r.seconds:.3f}")
         out.print(table)
-    pruned = any(r.name == "prune" and r.changed for r in result.records)
+    prune_facts = next((r.facts for r in result.records if r.name == "prune" and r.changed), None)
+    pruned = prune_facts is not None
     out.print(f"layers: {t['layers_on_drpai']} on DRP-AI, {t['layers_on_cpu']} on CPU; "
               f"{_count('MACs', t, 'macs', pruned)}; {_count('params', t, 'params', pruned)}")
+    if pruned:
+        out.print(_pruning_line(prune_facts))
     out.print(f"memory: {t['memory_bytes'] / 2**20:.2f} MiB (activations {t['activation_bytes'] / 2**20:.2f} MiB, "
               f"{t['activation_bytes_no_reuse'] / 2**20:.2f} MiB without reuse); "
               f"estimated latency {t['estimated_latency_ms']:.3f} ms")
@@ -93,6 +96,17 @@ def _count(label: str, totals: dict, key: str, pruned: bool) -> str:
     from backends.report_html import before_after
 
     return f"{label} {before_after(totals, key, ' non-zero')}"
+
+
+def _pruning_line(facts: dict) -> str:
+    """'pruning: 70.0% of 29,744 prunable weights removed (sparse); kept dense: 'conv0', 'fc'' (the stem and
+    classifier are outside the ratio, which is why the model's params fall by less than --prune)."""
+    how = facts["mode"] + (f", {len(facts['steps'])} steps" if len(facts.get("steps", [])) > 1 else "")
+    line = (f"pruning: {facts['achieved_ratio']:.1%} of {facts['prunable_weights']:,} prunable weights removed "
+            f"({how})")
+    if facts.get("kept_dense"):
+        line += "; kept dense: " + ", ".join(f"'{name}'" for name in facts["kept_dense"])
+    return line
 
 
 @app.command("simulate")

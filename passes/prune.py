@@ -90,6 +90,7 @@ class Prune(Pass):
                      "data (drpc simulate PACKAGE --data HELDOUT)")
         module.infer_shapes()
         layers = prunable_layers(module.graph, self.first_layer, self.classifier)
+        kept_dense = [n.name for n in prunable_layers(module.graph, True, True) if n not in layers]
         if not layers:
             raise UnsupportedModelError("nothing to prune: no Conv/ConvTranspose/Gemm/MatMul with constant weights "
                                         "(the stem conv and the classifier are kept unless first_layer/classifier=true)")
@@ -104,7 +105,7 @@ class Prune(Pass):
         else:
             facts = self._sparse(module, ctx, layers, target)
         if ctx is not None:
-            ctx.log(mode=mode, **facts)
+            ctx.log(mode=mode, kept_dense=kept_dense, **facts)
         return True
 
     def _sparse(self, module, ctx, layers, target) -> dict:

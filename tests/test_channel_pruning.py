@@ -250,9 +250,16 @@ def test_sample_resnet_prunes_across_residual_adds_and_reports_before_and_after(
     t = deploy["totals"]
     assert t["macs"] < t["macs_before"] and t["params"] < 0.6 * t["params_before"]
     assert t["params_before"] == sum(l.get("params_before", 0) for l in deploy["layers"])
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("layers:"))
+    printed = capsys.readouterr().out.splitlines()
+    line = next(l for l in printed if l.startswith("layers:"))
     assert f"MACs {t['macs_before']:,} → {t['nonzero_macs']:,} non-zero" in line, line
     assert f"params {t['params_before']:,} → {t['nonzero_params']:,} non-zero" in line, line
+    # the ratio counts only the prunable weights: the stem and classifier stay dense, and the line names them
+    stem, head = convs[0].name, convs[-1].name
+    prunable = sum(int(np.prod(weights[n.input[1]].dims)) for n in convs[1:-1])
+    line = next(l for l in printed if l.startswith("pruning:"))
+    assert f"of {prunable:,} prunable weights removed (channel); kept dense: '{stem}', '{head}'" in line, line
+    assert 0.45 <= float(line.split()[1].rstrip("%")) / 100 <= 0.55, line
     page = (out / "report.html").read_text()
     cut = [l for l in deploy["layers"] if l.get("channels_after", 0) < l.get("channels_before", 0)]
     assert "<h2>Pruning</h2>" in page and cut
