@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
+from measure import run_measured  # noqa: E402
 from ptq import evaluate, latency_ms  # noqa: E402
 
 LOSSLESS = ("upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,fuse-conv-bn,fuse-conv-add,"
@@ -37,16 +37,11 @@ MODELS = ("efficientnet_lite0", "ppocr_mobile_v2_cls", "mnist_cntk", "mnist_resn
 
 
 def compile_one(task, calib_path: Path, out: Path, pipeline: str) -> dict:
-    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, "-m", "compiler.cli", "compile", str(task.model),
-           "--calib", str(calib_path), "--out", str(out), "--force", "--pipeline", pipeline, "--no-verify"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
-    seconds = time.perf_counter() - start
-    peak = [line for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB ")]
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("drpc:")]
-        return {"error": (lines or ["failed"])[-1][:200]}
-    return {"seconds": seconds, "peak_mb": int(peak[-1].split()[1]) / 1024 if peak else float("nan")}
+    run = run_measured([sys.executable, "-m", "compiler.cli", "compile", str(task.model), "--calib", str(calib_path),
+                        "--out", str(out), "--force", "--pipeline", pipeline, "--no-verify"], HERE.parent)
+    if run.returncode != 0:
+        return {"error": run.last_error("drpc:")}
+    return {"seconds": run.seconds, "peak_mb": run.peak_mb}
 
 
 def weights_and_macs(pkg: Path) -> tuple[int, int, int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
+from measure import run_measured  # noqa: E402
 
 TOOLS = ("ort", "nncf", "drpc")
 
@@ -93,18 +93,12 @@ def worker(tool: str, task_name: str, calib_path: str, out: str, method: str) ->
 
 # ------------------------------------------------------------------ the parent: run, measure, tabulate
 def run_tool(tool, task, calib_path, out, method) -> dict:
-    """Run one quantizer in a fresh process under GNU time: a child forked from this (large) process would
-    inherit its resident-set high-water mark, so the peak is measured by `time` around a clean exec."""
-    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, __file__, "--worker", tool, task.name,
-           str(calib_path), str(out), method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)  # peers leave temp files in cwd
-    peak = [line for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB ")]
-    if proc.returncode != 0 or not out.exists():
-        lines = [line for line in proc.stderr.strip().splitlines()
-                 if not line.startswith(("MAXRSS_KB", "Command exited", "[W:", "\x1b"))]
-        return {"error": (lines or ["(no output)"])[-1][:160]}
-    return {"seconds": json.loads(proc.stdout.strip().splitlines()[-1])["seconds"],
-            "peak_mb": int(peak[-1].split()[1]) / 1024 if peak else float("nan")}
+    """Run one quantizer in a fresh process (its own wall time and peak memory)."""
+    run = run_measured([sys.executable, __file__, "--worker", tool, task.name, str(calib_path), str(out), method],
+                       out.parent)  # peers leave temp files in cwd
+    if run.returncode != 0 or not out.exists():
+        return {"error": run.last_error(width=160)}
+    return {"seconds": json.loads(run.stdout.strip().splitlines()[-1])["seconds"], "peak_mb": run.peak_mb}
 
 
 def latency_ms(model_path, task, repeats: int) -> float:
