@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.version_converter
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -31,20 +33,29 @@ TOOLS = ("ort", "nncf", "drpc")
 
 
 # ------------------------------------------------------------------ quantizers (run in a child process)
+def at_least_opset13(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The peers quantize opset >= 13 only (per-channel DequantizeLinear; NNCF refuses < 10): an older model is
+    upgraded with onnx's version converter first, as a user of either tool would."""
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return onnx.version_converter.convert_version(model, 13) if opset < 13 else model
+
+
 def quantize_ort(task, calib_path: Path, out: Path) -> None:
     """onnxruntime: quant_pre_process, then quantize_static (QDQ, per-channel, MinMax, U8 act / S8 weights)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     x = np.load(calib_path)
+    source = out.with_suffix(".opset13.onnx")
+    onnx.save(at_least_opset13(onnx.load(str(task.model))), str(source))
     pre = out.with_suffix(".pre.onnx")
     try:
-        quant_pre_process(str(task.model), str(pre))
+        quant_pre_process(str(source), str(pre))
     except Exception:  # its symbolic shape inference fails on some models: the documented fallback
         try:
-            quant_pre_process(str(task.model), str(pre), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         except Exception:  # quantize the model as it is
-            pre = task.model
+            pre = source
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -54,17 +65,22 @@ def quantize_ort(task, calib_path: Path, out: Path) -> None:
             i = next(self.it, None)
             return None if i is None else {task.input_name: x[i:i + 1]}
 
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    def quantize(**extra):
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options=extra)
+
+    try:
+        quantize()
+    except ValueError:  # its int32-bias scale adjustment fails on a bias that is not 1-D (mnist_cntk): turn it off
+        quantize(QDQDisableWeightAdjustForInt32Bias=True)
 
 
 def quantize_nncf(task, calib_path: Path, out: Path) -> None:
     """NNCF on the ONNX model: preset MIXED, fast bias correction (its default)."""
     import nncf
-    import onnx
 
     x = np.load(calib_path)
-    model = onnx.load(str(task.model))
+    model = at_least_opset13(onnx.load(str(task.model)))
     dataset = nncf.Dataset([x[i:i + 1] for i in range(len(x))], lambda item: {task.input_name: item})
     q = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(x))
     onnx.save(q, str(out))
