@@ -148,9 +148,14 @@ class Prune(Pass):
         sizes = {n.name: int(np.asarray(n.inputs[1].values).size) for n in layers}
         floor = {n.name: _zeros(n, group) / sizes[n.name] for n in layers}
         if self.allocation == "measured" and stats:
+            factors: dict[str, dict] = {}  # the layer being measured only: its ratios come one after another
+
             def prune(node, ratio):
+                if node.name not in factors:
+                    factors.clear()
                 weight = np.asarray(node.inputs[1].values, dtype=np.float32)
-                new_w = sparse_prune_layer(node, weight, ratio, stats.get(node.name), n_m, group)[0]
+                new_w = sparse_prune_layer(node, weight, ratio, stats.get(node.name), n_m, group,
+                                           factors.setdefault(node.name, {}))[0]
                 return shifted_inputs(node, weight, new_w, stats.get(node.name))
 
             with ctx.progress("Measuring layer sensitivity", len(layers)) as advance:

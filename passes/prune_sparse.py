@@ -22,9 +22,11 @@ DAMP = 0.01
 
 
 def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: LayerStats | None,
-                       n_m: tuple[int, int] | None, group_size: int = 1) -> tuple[np.ndarray, str]:
+                       n_m: tuple[int, int] | None, group_size: int = 1,
+                       factors: dict | None = None) -> tuple[np.ndarray, str]:
     """The pruned weight (same shape, exactly round(ratio x groups) zeroed groups of `group_size` per row) and
-    how it was chosen."""
+    how it was chosen. `factors`: a dict kept by the caller across calls for the same layer and statistics
+    (several ratios): each group's inverse-Hessian factor, which does not depend on the ratio, is computed once."""
     rows = weight_rows(node, weight).astype(np.float64)
     groups = stats.groups if stats is not None else 1
     per_group = rows.shape[0] // groups
@@ -49,7 +51,12 @@ def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: L
         if stats is None:
             pruned = _magnitude(block, ratio, n_m, group_size)
         else:
-            pruned = obs_prune(block, hessian, ratio, n_m, group_size)
+            factor = factors.get(g) if factors is not None else None
+            if factor is None:
+                factor = inverse_hessian_factor(hessian, DAMP)
+                if factors is not None:
+                    factors[g] = factor
+            pruned = obs_prune(block, hessian, ratio, n_m, group_size, factor)
         if order is not None:
             pruned = pruned[:, np.argsort(np.where(real, order, order.size))][:, :rows.shape[1]]
         out[g * per_group:(g + 1) * per_group] = pruned
@@ -85,12 +92,14 @@ def _n_m_mask(rows, score, n_m):
     return mask
 
 
-def obs_prune(rows: np.ndarray, hessian: np.ndarray, ratio: float, n_m=None, group: int = 1) -> np.ndarray:
+def obs_prune(rows: np.ndarray, hessian: np.ndarray, ratio: float, n_m=None, group: int = 1,
+              factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Prune `rows` ([outputs, d]) to `ratio` zeros per row, compensating with H = Σ x xᵀ ([d, d]); with
-    `group` > 1, d is a multiple of it and whole runs of `group` adjacent columns are zeroed."""
+    `group` > 1, d is a multiple of it and whole runs of `group` adjacent columns are zeroed. `factor`:
+    inverse_hessian_factor(hessian, DAMP) when the caller has it already."""
     w = rows.copy()
     d = w.shape[1]
-    u, dead = inverse_hessian_factor(hessian, DAMP)  # H⁻¹ = Uᵀ U
+    u, dead = factor if factor is not None else inverse_hessian_factor(hessian, DAMP)  # H⁻¹ = Uᵀ U
     w[:, dead] = 0.0
     k_total = int(round(ratio * d / group))
     step = max(group, BLOCK // group * group)

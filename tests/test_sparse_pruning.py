@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
@@ -17,7 +18,9 @@ from compiler.errors import DrpcError
 from compiler.ir import Module
 from compiler.runtime import run_model
 from compiler.sparsity import skippable_zeros
+import passes.prune_sparse as prune_sparse
 from passes.prune import FEW_SAMPLES, allocate_sparsity, step_ratios
+from passes.prune_common import LayerStats
 from passes.prune_refit import refit_layer
 from passes.prune_sensitivity import POINTS, measured_curves
 from passes.prune_sparse import obs_prune, sparse_prune_layer
@@ -153,6 +156,31 @@ def test_obs_error_is_well_below_magnitude_on_activation_like_inputs():
     magnitude = np.where(np.abs(w) >= np.sort(np.abs(w), axis=1)[:, 32:33], w, 0.0)
     err = lambda v: np.linalg.norm(x @ (w - v).T)
     assert err(pruned) < 0.5 * err(magnitude)
+
+
+def test_grouped_conv_reuses_its_inverse_hessian_factors_across_ratios(monkeypatch):
+    """Sensitivity prunes each layer at several ratios: with the caller's `factors` dict, each group's factor is
+    computed once (grouped convs made regnet's sensitivity slow), and every ratio's result is unchanged."""
+    rng = np.random.default_rng(0)
+    groups, cin, cout = 4, 8, 12  # per group: 2 input channels x 9 taps = 18 columns, 3 outputs
+    weight = rng.standard_normal((cout, cin // groups, 3, 3)).astype(np.float32)
+    node = gs.Node("Conv", "grouped", attrs={"group": groups},
+                   inputs=[gs.Variable("x"), gs.Constant("w", weight)], outputs=[gs.Variable("y")])
+    stats = LayerStats(groups)
+    stats.add(np.maximum(rng.standard_normal((500, groups, 18)), 0))
+    calls = []
+    factor = prune_sparse.inverse_hessian_factor
+    monkeypatch.setattr(prune_sparse, "inverse_hessian_factor", lambda h, d: calls.append(1) or factor(h, d))
+    ratios = (0.2, 0.5, 0.8)
+    fresh = [sparse_prune_layer(node, weight, r, stats, None)[0] for r in ratios]
+    assert len(calls) == groups * len(ratios)
+    calls.clear()
+    cache: dict = {}
+    cached = [sparse_prune_layer(node, weight, r, stats, None, factors=cache)[0] for r in ratios]
+    assert len(calls) == groups and sorted(cache) == list(range(groups))
+    for a, b, r in zip(fresh, cached, ratios):
+        assert np.array_equal(a, b)
+        assert np.count_nonzero(b == 0) == cout * round(r * 18)
 
 
 def test_refit_keeps_every_zero_and_brings_held_out_outputs_closer(tmp_path, test_data):
