@@ -46,8 +46,11 @@ def quantize_ort(task, calib_path: Path, out: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     x = np.load(calib_path)
-    source = out.with_suffix(".opset13.onnx")
-    onnx.save(at_least_opset13(onnx.load(str(task.model))), str(source))
+    source, original = task.model, onnx.load(str(task.model))
+    upgraded = at_least_opset13(original)
+    if upgraded is not original:
+        source = out.with_suffix(".opset13.onnx")
+        onnx.save(upgraded, str(source))
     pre = out.with_suffix(".pre.onnx")
     try:
         quant_pre_process(str(source), str(pre))
