@@ -174,14 +174,9 @@ def build_report(inp: PackageInputs, descriptor: dict, cost: dict) -> dict:
     }
 
 
-def weight_sparsity(model: onnx.ModelProto, group_size: int = 1) -> dict[str, float]:
-    """Fraction of zero weights the accelerator can skip (see compiler.sparsity) of every node with a weight
-    (the first constant input after the data)."""
-    return {name: zeros / max(size, 1) for name, (zeros, size) in weight_zeros(model, group_size).items()}
-
-
 def weight_zeros(model: onnx.ModelProto, group_size: int = 1) -> dict[str, tuple[int, int]]:
-    """(skippable zero weights, weight elements) of every node with a weight, as weight_sparsity counts them."""
+    """(zero weights the accelerator can skip (see compiler.sparsity), weight elements) of every node with a
+    weight (the first constant input after the data); their ratio is deploy.json's weight_sparsity."""
     consts = initializer_values(model)
     dq_source = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     out = {}

@@ -36,11 +36,12 @@ def headline(model: Path, out: Path, target: str, prune: float, extra: list[str]
         return {**row, "result": run.last_error("drpc:", width=400)}
     sim = run_measured([*drpc, "simulate", str(out)], HERE.parent, timeout)
     t = json.loads((out / "deploy.json").read_text())["totals"]
-    pruning = next((line for line in run.stdout.splitlines() if line.startswith("pruning:")), "")
+    prune = next((p for p in json.loads((out / "report.json").read_text())["passes"]
+                  if p["name"] == "prune" and p["changed"]), None)
     return {**row, "result": "package OK" if "package OK" in sim.stdout else sim.last_error(),
             "params": f"{t.get('params_before', t['params']):,} → {t.get('nonzero_params', t['params']):,}",
             "macs": f"{t.get('macs_before', t['macs']):,} → {t.get('nonzero_macs', t['macs']):,}",
-            "removed": pruning.split(" of ")[0].removeprefix("pruning: ") or "-",
+            "removed": f"{prune['achieved_ratio']:.1%}" if prune else "-",
             "cpu": f"{t['layers_on_cpu']} of {t['layers_on_drpai'] + t['layers_on_cpu']}"}
 
 

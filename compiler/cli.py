@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from backends.report_html import before_after
 from compiler.context import wants_progress
 from compiler.errors import DrpcError
 
@@ -93,8 +94,6 @@ def _count(label: str, totals: dict, key: str, pruned: bool) -> str:
     """'MACs 5,791,744', or after pruning 'MACs 5,791,744 → 2,247,336 non-zero (-61.2%)' (before → after)."""
     if not pruned:
         return f"{label} {totals[key]:,}"
-    from backends.report_html import before_after
-
     return f"{label} {before_after(totals, key, ' non-zero')}"
 
 

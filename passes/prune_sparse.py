@@ -38,6 +38,7 @@ def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: L
     taps = int(np.prod(weight.shape[2:])) if node.op == "Conv" else 1
     group_size = min(group_size, rows.shape[1] // taps)  # fewer input channels (depthwise): one short group
     order = group_order(rows.shape[1] // taps, taps, group_size) if group_size > 1 else None
+    factors = {} if factors is None else factors
     for g in range(groups):
         block = rows[g * per_group:(g + 1) * per_group]
         hessian = stats.hessians[g] if stats is not None else None
@@ -51,12 +52,9 @@ def sparse_prune_layer(node: gs.Node, weight: np.ndarray, ratio: float, stats: L
         if stats is None:
             pruned = _magnitude(block, ratio, n_m, group_size)
         else:
-            factor = factors.get(g) if factors is not None else None
-            if factor is None:
-                factor = inverse_hessian_factor(hessian, DAMP)
-                if factors is not None:
-                    factors[g] = factor
-            pruned = obs_prune(block, hessian, ratio, n_m, group_size, factor)
+            if g not in factors:
+                factors[g] = inverse_hessian_factor(hessian, DAMP)
+            pruned = obs_prune(block, hessian, ratio, n_m, group_size, factors[g])
         if order is not None:
             pruned = pruned[:, np.argsort(np.where(real, order, order.size))][:, :rows.shape[1]]
         out[g * per_group:(g + 1) * per_group] = pruned
