@@ -162,8 +162,9 @@ def build_report(inp: PackageInputs, descriptor: dict, cost: dict) -> dict:
     ctx = inp.ctx
     return {
         "pipeline": inp.pipeline,
-        "passes": [{"name": r.name, "changed": r.changed, "seconds": round(r.seconds, 4), **r.facts}
-                   for r in ctx.records],
+        "passes": [{"name": r.name, "changed": r.changed, "seconds": round(r.seconds, 4),
+                    **({"phase_seconds": {k: round(v, 4) for k, v in r.phases.items()}} if r.phases else {}),
+                    **r.facts} for r in ctx.records],
         "warnings": list(ctx.warnings),
         "layers": descriptor["layers"],
         "placement": {"subgraphs": descriptor["subgraphs"], "transfers": descriptor["transfers"]},

@@ -41,10 +41,13 @@ def render_report(descriptor: dict, report: dict) -> str:
 def _pipeline_section(descriptor, report) -> str:
     rows = []
     for i, p in enumerate(report.get("passes", []), 1):
-        facts = {k: v for k, v in p.items() if k not in ("name", "changed", "seconds")}
-        facts_text = ", ".join(f"{k}={_short(v)}" for k, v in facts.items())
+        facts = {k: v for k, v in p.items() if k not in ("name", "changed", "seconds", "phase_seconds")}
+        facts_text = _e(", ".join(f"{k}={_short(v)}" for k, v in facts.items()))
+        if p.get("phase_seconds"):  # where the pass's time went
+            facts_text = ("<small>" + _e(" · ".join(f"{k} {v:.2f}s" for k, v in p["phase_seconds"].items()))
+                          + "</small><br>" + facts_text)
         rows.append(f"<tr class='{'changed' if p['changed'] else 'same'}'><td>{i:03d}</td><td>{_e(p['name'])}</td>"
-                    f"<td>{'changed' if p['changed'] else '-'}</td><td>{p['seconds']:.3f}s</td><td>{_e(facts_text)}</td></tr>")
+                    f"<td>{'changed' if p['changed'] else '-'}</td><td>{p['seconds']:.3f}s</td><td>{facts_text}</td></tr>")
     return (f"<section><h2>Pipeline</h2><p><code>{_e(descriptor['provenance']['pipeline'])}</code></p>"
             "<table><tr><th>#</th><th>pass</th><th>IR</th><th>time</th><th>what it did</th></tr>"
             + "".join(rows) + "</table></section>")

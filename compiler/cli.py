@@ -77,6 +77,8 @@ def compile_cmd(
         table = Table("#", "pass", "changed", "seconds")
         for i, r in enumerate(result.records, 1):
             table.add_row(str(i), r.name, "yes" if r.changed else "-", f"{r.seconds:.3f}")
+            for phase, seconds in r.phases.items():
+                table.add_row("", f"  {phase}", "", f"{seconds:.3f}")
         out.print(table)
     prune_facts = next((r.facts for r in result.records if r.name == "prune" and r.changed), None)
     pruned = prune_facts is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -13,12 +14,14 @@ import numpy as np
 
 @dataclass
 class PassRecord:
-    """What one pass did: whether it changed the IR, how long it took, and the facts it logged."""
+    """What one pass did: whether it changed the IR, how long it took (in all, and in each of its phases: the
+    steps it showed progress for, summed by description), and the facts it logged."""
 
     name: str
     changed: bool = False
     seconds: float = 0.0
     facts: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -40,10 +43,14 @@ class CompileContext:
 
     def log(self, **facts: Any) -> None:
         """Attach facts to the record of the pass now running (shown in report.json)."""
+        self._record().facts.update(facts)
+
+    def _record(self) -> PassRecord:
+        """The record of the pass now running (one named 'compile' outside a pass)."""
         name = self.current_pass.name if self.current_pass is not None else "compile"
         if not self.records or self.records[-1].name != name:
             self.records.append(PassRecord(name))
-        self.records[-1].facts.update(facts)
+        return self.records[-1]
 
     def layer(self, node_name: str, **facts: Any) -> None:
         """Record per-layer facts (sparsity, quantization error, ...) under the node's name."""
@@ -59,15 +66,20 @@ class CompileContext:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Any]:
-        """A progress bar on a terminal (quiet in CI and pipes); yields `advance(n=1)`."""
-        if not self.show_progress:
-            yield lambda n=1: None
-            return
-        from rich.progress import Progress
+        """One phase of the running pass: a progress bar on a terminal (quiet in CI and pipes), yielding
+        `advance(n=1)`; its time is added to the pass record's phases under `description`."""
+        record, start = self._record(), time.perf_counter()
+        try:
+            if not self.show_progress:
+                yield lambda n=1: None
+                return
+            from rich.progress import Progress
 
-        with Progress(transient=True, console=_stderr_console()) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+            with Progress(transient=True, console=_stderr_console()) as bar:
+                task = bar.add_task(description, total=total)
+                yield lambda n=1: bar.advance(task, n)
+        finally:
+            record.phases[description] = record.phases.get(description, 0.0) + time.perf_counter() - start
 
 
 def wants_progress(json_output: bool) -> bool:

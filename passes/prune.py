@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from passes.float_layers import STEM_CHANNELS
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
-from passes.prune_sensitivity import measured_curves
+from passes.prune_sensitivity import Sensitivity
 from passes.prune_sparse import error_curve, sparse_prune_layer
 
 
@@ -130,16 +131,18 @@ class Prune(Pass):
                   else self._allocate(module, ctx, layers, stats, ratio, n_m, group))
         dense = module.to_proto() if stats and self.refit else None
         zeros = 0
-        for node in layers:
-            weight = np.asarray(node.inputs[1].values, dtype=np.float32)
-            new_w, info = sparse_prune_layer(node, weight, ratios[node.name], stats.get(node.name), n_m, group)
-            node.inputs[1] = gs.Constant(node.inputs[1].name + "_pruned", new_w.astype(weight.dtype))
-            if stats.get(node.name) is not None:
-                add_to_bias(module.graph, node, bias_shift(node, weight, new_w, stats[node.name]))
-            skipped = _zeros(node, group)
-            zeros += skipped
-            if ctx is not None:
-                ctx.layer(node.name, sparsity=skipped / max(new_w.size, 1), prune_refit=info)
+        with _phase(ctx, "Pruning layers", len(layers)) as advance:
+            for node in layers:
+                weight = np.asarray(node.inputs[1].values, dtype=np.float32)
+                new_w, info = sparse_prune_layer(node, weight, ratios[node.name], stats.get(node.name), n_m, group)
+                node.inputs[1] = gs.Constant(node.inputs[1].name + "_pruned", new_w.astype(weight.dtype))
+                if stats.get(node.name) is not None:
+                    add_to_bias(module.graph, node, bias_shift(node, weight, new_w, stats[node.name]))
+                skipped = _zeros(node, group)
+                zeros += skipped
+                if ctx is not None:
+                    ctx.layer(node.name, sparsity=skipped / max(new_w.size, 1), prune_refit=info)
+                advance(1)
         if dense is not None:
             refit_in_order(module, ctx, layers, dense)
         return zeros
@@ -158,15 +161,31 @@ class Prune(Pass):
                                            factors.setdefault(node.name, {}))[0]
                 return shifted_inputs(node, weight, new_w, stats.get(node.name))
 
-            with ctx.progress("Measuring layer sensitivity", len(layers)) as advance:
-                nodes = {n.name: n for n in layers}
-                units = [(n.name, n.name, [t.name for t in n.inputs[1:3] if isinstance(t, gs.Constant)]) for n in layers]
-                grid, curves = measured_curves(module.to_proto(), units, ctx.calib,
-                                               lambda name, ratio: prune(nodes[name], ratio), progress=advance,
-                                               floors=floor)
-            return allocate_sparsity(grid, curves, sizes, ratio, floor=floor)
+            nodes = {n.name: n for n in layers}
+            units = [(n.name, n.name, [t.name for t in n.inputs[1:3] if isinstance(t, gs.Constant)]) for n in layers]
+            sensitivity = Sensitivity(module.to_proto(), units, ctx.calib, lambda name, r: prune(nodes[name], r),
+                                      floors=floor)
+            return measured_allocation(sensitivity, sizes, ratio, floor, ctx)
         grid = np.round(np.arange(0.0, min(0.95, ratio + SPREAD) + 1e-9, 0.025), 6)
         return allocate_sparsity(grid, estimated_curves(layers, stats, grid), sizes, ratio, floor=floor)
+
+
+def measured_allocation(sensitivity: Sensitivity, sizes: dict[str, int], ratio: float, floor: dict[str, float],
+                        ctx=None) -> dict[str, float]:
+    """`allocate_sparsity` on measured curves, measuring only the points it can use: every layer up to the first
+    point above `ratio`, then one point more for each layer the allocation pushed to the last point measured,
+    until none is there. The greedy allocation takes the same steps as on fully measured curves (a layer's next
+    step costs the same until it reaches its last measured point), so the result is the same."""
+    points = sensitivity.points
+    top = {name: next((p for p in points if p > max(ratio, floor.get(name, 0.0)) + 1e-9), points[-1]) for name in sizes}
+    while True:
+        with _phase(ctx, "Measuring layer sensitivity", len(top)) as advance:
+            sensitivity.measure(top, advance)
+        out = allocate_sparsity(sensitivity.grid, sensitivity.curves(), sizes, ratio, floor=floor)
+        top = {name: points[points.index(top[name]) + 1] for name in top
+               if out[name] >= top[name] - 1e-9 and top[name] < points[-1]}
+        if not top:
+            return out
 
 
 def step_ratios(ratio: float, steps: int = 0) -> list[float]:
@@ -195,10 +214,11 @@ def allocate_sparsity(grid: np.ndarray, curves: dict[str, np.ndarray], sizes: di
                       cap: float = 0.95, step: float = 0.025, floor: dict[str, float] | None = None) -> dict[str, float]:
     """Per-layer sparsity meeting `ratio` of all weights overall: greedily raise the layer whose error (its curve,
     interpolated between the `grid` points) grows least per weight removed, never past `cap`. `floor`: each
-    layer's sparsity already (an earlier step's zeros stay zero and count towards `ratio`)."""
+    layer's sparsity already (an earlier step's zeros stay zero and count towards `ratio`). A curve may end in
+    NaN (not measured there): the layer does not go past its last known point."""
     floor = floor or {}
     fine = np.round(np.arange(0.0, min(cap, grid[-1]) + 1e-9, step), 6)
-    cost = {n: np.interp(fine, grid, c) for n, c in curves.items()}
+    cost = {n: _interpolated(fine, grid, c) for n, c in curves.items()}
 
     def zeros(name, i):
         return max(fine[i], floor.get(name, 0.0)) * sizes[name]
@@ -223,6 +243,19 @@ def allocate_sparsity(grid: np.ndarray, curves: dict[str, np.ndarray], sizes: di
     if excess > 0 and best is not None:
         out[best] = max(floor.get(best, 0.0), out[best] - excess / sizes[best])
     return out
+
+
+def _interpolated(fine: np.ndarray, grid: np.ndarray, curve: np.ndarray) -> np.ndarray:
+    """The curve at the `fine` ratios, linear between grid points; infinite past its last non-NaN point."""
+    known = int(np.argmax(np.isnan(curve))) if np.isnan(curve).any() else len(curve)
+    values = np.interp(fine, grid[:known], curve[:known])
+    values[fine > grid[known - 1] + 1e-9] = np.inf
+    return values
+
+
+def _phase(ctx, description: str, total: int):
+    """ctx.progress, or a no-op without a context (the pass run on its own, as in tests)."""
+    return ctx.progress(description, total) if ctx is not None else contextlib.nullcontext(lambda n=1: None)
 
 
 def _zeros(node: gs.Node, group: int) -> int:

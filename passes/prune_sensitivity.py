@@ -5,7 +5,8 @@ alone is pruned (the way the pass prunes it) and the model runs on a handful of 
 curve is the relative squared error of all model outputs against the float model. The tensors a unit changes
 become graph inputs, so one onnxruntime session serves every measurement of a unit by feeding different
 values; that session runs only the part of the model the unit influences, from the float model's tensors
-where that part begins.
+where that part begins, and every other weight in it stays a constant (onnxruntime runs a model whose
+weights are inputs 1.3-1.9x slower: it cannot prepack them).
 """
 
 from __future__ import annotations
@@ -36,57 +37,91 @@ def weights_as_inputs(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProt
     return model
 
 
+class Sensitivity:
+    """The output-error curves of `units`, measured point by point on demand. A unit is (key, the first node it
+    changes, the constant tensors it changes); prune(key, ratio) gives those tensors' new values by name (for
+    sparse pruning a unit is one layer, for channel pruning one channel space and its consumers). `floors`: the
+    ratio each unit is pruned to already (an earlier step's zeros): the model as it is has the unit at its floor,
+    so the points at or below it are not run and their error is 0."""
+
+    def __init__(self, proto: onnx.ModelProto, units: list[tuple[str, str, list[str]]], calib,
+                 prune: Callable[[str, float], dict[str, np.ndarray]], points=POINTS, samples: int = SAMPLES,
+                 floors: dict[str, float] | None = None):
+        self.proto, self.units, self.calib, self.prune, self.points = proto, units, calib, prune, tuple(points)
+        self.grid = np.array((0.0, *self.points))
+        sess = make_session(proto, arena=False)
+        model_inputs = {i.name for i in sess.get_inputs()}
+        self.feeds, self.samples = [], 0
+        for batch in calib.batches(16):
+            self.feeds.append({k: v for k, v in batch.items() if k in model_inputs})
+            self.samples += len(next(iter(self.feeds[-1].values())))
+            if self.samples >= samples:
+                break
+        outputs = [o.name for o in sess.get_outputs()]
+        self.reference = [dict(zip(outputs, sess.run(None, f))) for f in self.feeds]
+        self.energy = max(sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in self.reference
+                              for o in ref.values()), 1e-30)
+        self.initializers = {i.name: i for i in proto.graph.initializer}
+        self.errors = {key: np.where(np.array(self.points) <= (floors or {}).get(key, 0.0) + 1e-9, 0.0, np.nan)
+                       for key, _, _ in units}
+        self.runs = 0  # (unit, point) measurements made
+
+    def measure(self, upto: dict[str, float], progress=None) -> None:
+        """Measure each unit of `upto` at the points up to its ratio there that are not measured yet."""
+        for key, start, tensors in self.units:
+            if key not in upto:
+                continue
+            todo = [i for i, p in enumerate(self.points) if p <= upto[key] + 1e-9 and np.isnan(self.errors[key][i])]
+            if todo:
+                originals = {t: onnx.numpy_helper.to_array(self.initializers[t]) for t in tensors}
+                variants = [{**originals, **self.prune(key, self.points[i])} for i in todo]
+                errors = np.zeros(len(todo))
+                part_sess, batches = _influenced_part(self.proto, set(tensors), start, self.calib, self.feeds,
+                                                      self.samples)
+                wanted = {i.name for i in part_sess.get_inputs()}
+                part_outputs = [o.name for o in part_sess.get_outputs()]
+                for feed, ref in zip(batches, self.reference):  # one batch of entry tensors held at a time
+                    for j, weights in enumerate(variants):
+                        values = part_sess.run(None, {k: v for k, v in {**feed, **weights}.items() if k in wanted})
+                        errors[j] += sum(float(np.sum(np.square(out.astype(np.float64) - ref[name])))
+                                         for name, out in zip(part_outputs, values))
+                self.errors[key][todo] = errors / self.energy
+                self.runs += len(todo)
+            if progress is not None:
+                progress(1)
+
+    def curves(self) -> dict[str, np.ndarray]:
+        """Per unit, the relative output error at each ratio of `grid`, non-decreasing; NaN from the first point
+        not measured on."""
+        out = {}
+        for key, errors in self.errors.items():
+            known = int(np.argmax(np.isnan(errors))) if np.isnan(errors).any() else len(errors)
+            curve = np.full(len(self.grid), np.nan)
+            curve[:known + 1] = np.maximum.accumulate(np.concatenate([[0.0], errors[:known]]))
+            out[key] = curve
+        return out
+
+
 def measured_curves(proto: onnx.ModelProto, units: list[tuple[str, str, list[str]]], calib,
                     prune: Callable[[str, float], dict[str, np.ndarray]], points=POINTS, samples: int = SAMPLES,
                     progress=None, floors: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(grid, {unit: output error at each grid ratio}) where grid = (0, *points). A unit is (key, the first
-    node it changes, the constant tensors it changes); prune(key, ratio) gives those tensors' new values by
-    name (for sparse pruning a unit is one layer, for channel pruning one channel space and its consumers).
-    `floors`: the ratio each unit is pruned to already (an earlier step's zeros). The model as it is has the
-    unit at its floor, so the ratios at or below it are not run and their error is 0."""
-    floors = floors or {}
-    names = {t for _, _, tensors in units for t in tensors}
-    originals = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer if i.name in names}
-    movable = weights_as_inputs(proto, names)
-    sess = make_session(movable, arena=False)
-    model_inputs = {i.name for i in sess.get_inputs()} - names
-    feeds, seen = [], 0
-    for batch in calib.batches(16):
-        feeds.append({k: v for k, v in batch.items() if k in model_inputs})
-        seen += len(next(iter(feeds[-1].values())))
-        if seen >= samples:
-            break
-    outputs = [o.name for o in sess.get_outputs()]
-    reference = [dict(zip(outputs, sess.run(None, {**f, **originals}))) for f in feeds]
-    energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for ref in reference for o in ref.values())
-    curves = {}
-    for key, start, _ in units:
-        first = int(np.searchsorted(points, floors.get(key, 0.0) + 1e-9))  # the points above the floor
-        variants = [{**originals, **prune(key, ratio)} for ratio in points[first:]]
-        errors = np.zeros(len(points))
-        if variants:
-            part_sess, batches = _influenced_part(proto, movable, start, calib, feeds, seen) or (sess, iter(feeds))
-            wanted = {i.name for i in part_sess.get_inputs()}
-            part_outputs = [o.name for o in part_sess.get_outputs()]
-            for feed, ref in zip(batches, reference):  # one batch of entry tensors held at a time
-                for i, weights in enumerate(variants, first):
-                    values = part_sess.run(None, {k: v for k, v in {**feed, **weights}.items() if k in wanted})
-                    errors[i] += sum(float(np.sum(np.square(out.astype(np.float64) - ref[name])))
-                                     for name, out in zip(part_outputs, values))
-        curves[key] = np.maximum.accumulate(np.concatenate([[0.0], errors / max(energy, 1e-30)]))
-        if progress is not None:
-            progress(1)
-    return np.array((0.0, *points)), curves
+    """(grid, {unit: output error at each grid ratio}) where grid = (0, *points): every unit measured at every
+    point (see `Sensitivity`)."""
+    sensitivity = Sensitivity(proto, units, calib, prune, points, samples, floors)
+    sensitivity.measure({key: 1.0 for key, _, _ in units}, progress)
+    return sensitivity.grid, sensitivity.curves()
 
 
-def _influenced_part(proto, movable, node_name, calib, feeds, samples):
-    """(session, iterator of feeds per batch) running only the part of `movable` that `node_name` influences,
-    its entry tensors computed by the float `proto` on the same batches; None when it cannot be cut out."""
-    part = downstream(movable, node_name)
+def _influenced_part(proto, tensors: set[str], node_name, calib, feeds, samples):
+    """(session, iterator of feeds per batch) running only the part of `proto` that `node_name` influences, with
+    the constant `tensors` as graph inputs and every other weight a constant (so onnxruntime prepacks it), its
+    entry tensors computed by `proto` on the same batches; the whole model when the part cannot be cut out."""
+    part = downstream(proto, node_name)
     if part is None:
-        return None
+        return make_session(weights_as_inputs(proto, tensors), arena=False), iter(feeds)
     model, cut = part
+    session = make_session(weights_as_inputs(model, tensors), arena=False)
     if not cut:  # the part reads graph inputs only
-        return make_session(model, arena=False), iter(feeds)
+        return session, iter(feeds)
     entries = stream_activations(proto, cut, calib, batch_size=16, max_samples=samples)
-    return make_session(model, arena=False), ({**f, **e} for f, e in zip(feeds, entries))
+    return session, ({**f, **e} for f, e in zip(feeds, entries))

@@ -104,6 +104,21 @@ def test_deploy_json_counts_params_and_macs_before_and_after_pruning(compiled):
     assert t["nonzero_macs"] < 0.5 * t["macs_before"] and t["params_before"] == t["params"]
 
 
+def test_report_and_timing_show_where_the_pruning_time_went(compiled, tmp_path, capsys):
+    out, _ = compiled
+    prune = next(p for p in json.loads((out / "report.json").read_text())["passes"] if p["name"] == "prune")
+    phases = prune["phase_seconds"]  # two steps (0.7), each phase summed over both
+    assert set(phases) == {"Collecting layer statistics", "Measuring layer sensitivity", "Pruning layers",
+                           "Refitting pruned layers in order"}
+    assert all(v > 0 for v in phases.values()) and sum(phases.values()) <= prune["seconds"]
+    pipeline = LOSSLESS + ",prune{ratio=0.3,allocation=estimated,refit=false}"
+    assert main(["compile", str(SAMPLE), "--pipeline", pipeline, "--calib", str(CALIB), "--out", str(tmp_path / "p"),
+                 "--timing"]) == 0
+    rows = capsys.readouterr().out
+    assert re.search(r"prune .*yes", rows) and re.search(r"Pruning layers .*\d\.\d{3}", rows)
+    assert "Measuring layer sensitivity" not in rows and "Refitting" not in rows
+
+
 def test_lossless_pipeline_matches_original(tmp_path):
     out = tmp_path / "lossless"
     assert main(["compile", str(SAMPLE), "--pipeline", LOSSLESS, "--calib", str(CALIB), "--out", str(out)]) == 0

@@ -131,7 +131,7 @@ def test_report_html_renders_in_headless_chromium(sample_package, tmp_path):
         assert f"<h2>{section}</h2>" in html
     assert html.count("<rect") > 20
     shot = tmp_path / "report.png"
-    run = subprocess.run([chromium, *flags, "--window-size=1100,1600", f"--screenshot={shot}", page.as_uri()],
+    run = subprocess.run([chromium, *flags, "--window-size=1100,2000", f"--screenshot={shot}", page.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and shot.is_file() and shot.stat().st_size > 20000
     from PIL import Image
