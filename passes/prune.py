@@ -16,7 +16,7 @@ from passes.float_layers import STEM_CHANNELS
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
-from passes.prune_sensitivity import Sensitivity
+from passes.prune_sensitivity import Sensitivity, measured_prefix
 from passes.prune_sparse import error_curve, sparse_prune_layer
 
 
@@ -247,7 +247,7 @@ def allocate_sparsity(grid: np.ndarray, curves: dict[str, np.ndarray], sizes: di
 
 def _interpolated(fine: np.ndarray, grid: np.ndarray, curve: np.ndarray) -> np.ndarray:
     """The curve at the `fine` ratios, linear between grid points; infinite past its last non-NaN point."""
-    known = int(np.argmax(np.isnan(curve))) if np.isnan(curve).any() else len(curve)
+    known = measured_prefix(curve)
     values = np.interp(fine, grid[:known], curve[:known])
     values[fine > grid[known - 1] + 1e-9] = np.inf
     return values

@@ -95,11 +95,17 @@ class Sensitivity:
         not measured on."""
         out = {}
         for key, errors in self.errors.items():
-            known = int(np.argmax(np.isnan(errors))) if np.isnan(errors).any() else len(errors)
+            known = measured_prefix(errors)
             curve = np.full(len(self.grid), np.nan)
             curve[:known + 1] = np.maximum.accumulate(np.concatenate([[0.0], errors[:known]]))
             out[key] = curve
         return out
+
+
+def measured_prefix(values: np.ndarray) -> int:
+    """How many leading entries of `values` are measured (not NaN)."""
+    missing = np.isnan(values)
+    return int(np.argmax(missing)) if missing.any() else len(values)
 
 
 def measured_curves(proto: onnx.ModelProto, units: list[tuple[str, str, list[str]]], calib,
