@@ -3,10 +3,12 @@
 The weights are random (no download): bench/headline.py checks that each model compiles, prunes and
 simulates, which does not depend on trained weights; accuracy is measured on the corpus's trained models.
 Needs torch and torchvision (not drpc dependencies). Uses the TorchScript exporter, the one most deployed
-models went through, at opset 17.
+models went through, at opset 17; `--dynamo` uses torch.export instead (torch.onnx.export's default since
+torch 2.9: opset 18 and up, weights in a separate .onnx.data file), which also needs onnxscript.
 
     python bench/export_torchvision.py /tmp/zoo                      # the default set
     python bench/export_torchvision.py /tmp/zoo resnet18 vit_b_32@224
+    python bench/export_torchvision.py /tmp/zoo_dynamo --dynamo
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("models", nargs="*", default=list(DEFAULT), help="torchvision names, optionally @input size")
+    ap.add_argument("--dynamo", action="store_true", help="export through torch.export (needs onnxscript)")
     args = ap.parse_args()
     torch, models = import_torchvision()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -53,8 +56,11 @@ def main() -> None:
         net = models.get_model(name, weights=None, **extra).eval()
         x = torch.randn(1, 3, int(size or 224), int(size or 224))
         path = args.out / f"{name}.onnx"
-        torch.onnx.export(net, x, str(path), input_names=["input"], output_names=["output"], opset_version=17,
-                          dynamo=False)
+        if args.dynamo:
+            torch.onnx.export(net, (x,), str(path), input_names=["input"], output_names=["output"], dynamo=True)
+        else:
+            torch.onnx.export(net, x, str(path), input_names=["input"], output_names=["output"], opset_version=17,
+                              dynamo=False)
         print(f"{path} ({sum(p.numel() for p in net.parameters()):,} parameters)", flush=True)
 
 

@@ -15,7 +15,7 @@ from compiler.instrument import relative_error
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "models" / "mnist_resnet.onnx"
 CALIB = ROOT / "models" / "mnist_calib.npz"
-LOSSLESS = "upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,fuse-conv-bn,fuse-conv-add,fuse-pad-conv,fuse-matmul-add,fuse-hardswish"
+LOSSLESS = "upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,reduce-mean-to-pool,fuse-conv-bn,fuse-conv-add,fuse-pad-conv,fuse-matmul-add,fuse-hardswish"
 PACKAGE = {"model.onnx", "reference.onnx", "deploy.json", "addr_map.txt", "report.json", "report.html",
            "deploy.schema.json", "sample_inputs.npz", "reference_outputs.npz"}
 
@@ -117,6 +117,24 @@ def test_report_and_timing_show_where_the_pruning_time_went(compiled, tmp_path, 
     rows = capsys.readouterr().out
     assert re.search(r"prune .*yes", rows) and re.search(r"Pruning layers .*\d\.\d{3}", rows)
     assert "Measuring layer sensitivity" not in rows and "Refitting" not in rows
+
+
+def test_torch_export_of_the_sample_compiles_like_its_torchscript_export(compiled, tmp_path):
+    """models/mnist_resnet_dynamo.onnx is the same trained network through torch.export (opset 20, ReduceMean for
+    the average pool): the README's command keeps every layer on DRP-AI and gives the same answers."""
+    out = tmp_path / "dynamo"
+    assert main(["compile", str(ROOT / "models" / "mnist_resnet_dynamo.onnx"), "--target", "rzv2h", "--prune", "0.7",
+                 "--calib", str(CALIB), "--out", str(out)]) == 0
+    facts = {p["name"]: p for p in json.loads((out / "report.json").read_text())["passes"]}
+    assert facts["reduce-mean-to-pool"]["rewritten"] == 1
+    totals = [json.loads((pkg / "deploy.json").read_text())["totals"] for pkg in (compiled[0], out)]
+    assert totals[1]["layers_on_cpu"] == totals[0]["layers_on_cpu"] == 0
+    assert totals[1]["layers_on_drpai"] == totals[0]["layers_on_drpai"]
+    with np.load(ROOT / "models" / "mnist_test.npz") as z:
+        x, labels = z["input"], z["labels"]
+    answers = [run_model(onnx.load(str(pkg / "model.onnx")), {"input": x})[0].argmax(1) for pkg in (compiled[0], out)]
+    assert np.mean(answers[0] == answers[1]) >= 0.99
+    assert abs(np.mean(answers[0] == labels) - np.mean(answers[1] == labels)) <= 0.005
 
 
 def test_lossless_pipeline_matches_original(tmp_path):

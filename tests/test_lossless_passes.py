@@ -202,6 +202,30 @@ def test_fuse_hardswish_needs_exact_constants():
     assert not run_pass(original, "fuse-hardswish")[0]
 
 
+@pytest.mark.parametrize("opset,axes,keepdims", [(18, [-1, -2], 1), (13, [2, 3], 0), (18, [3, 2], 0)])
+def test_reduce_mean_to_pool(opset, axes, keepdims):
+    if opset >= 18:
+        node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="mean", keepdims=keepdims)
+        inits = [init("axes", np.array(axes, np.int64))]
+    else:
+        node = helper.make_node("ReduceMean", ["x"], ["y"], name="mean", axes=axes, keepdims=keepdims)
+        inits = []
+    original = model([node], [("x", TensorProto.FLOAT, [2, 5, 7, 6])], [("y", TensorProto.FLOAT, None)], inits,
+                     opset=opset)
+    changed, pooled = run_pass(original, "reduce-mean-to-pool")
+    assert changed and ops(pooled) == ["GlobalAveragePool"] + ([] if keepdims else ["Flatten"])
+    assert [o.name for o in pooled.graph.output] == ["y"]
+    onnx.checker.check_model(pooled)
+    outputs_close(original, pooled, {"x": rand(2, 5, 7, 6)}, rtol=1e-5)
+
+
+@pytest.mark.parametrize("axes", [[1], [3], [1, 2, 3], [0, 2, 3], [2, 2, 3]])
+def test_reduce_mean_to_pool_leaves_other_means(axes):
+    node = helper.make_node("ReduceMean", ["x"], ["y"], name="mean", axes=axes)
+    original = model([node], [("x", TensorProto.FLOAT, [2, 5, 7, 6])], [("y", TensorProto.FLOAT, None)], opset=13)
+    assert not run_pass(original, "reduce-mean-to-pool")[0]
+
+
 @pytest.mark.parametrize("bias_shape", [(1, 4, 1, 1), (4, 1, 1), ()])
 def test_fuse_conv_add(bias_shape):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),

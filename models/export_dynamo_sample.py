@@ -1,0 +1,49 @@
+"""Export the shipped sample network again through torch.export, the exporter `torch.onnx.export` uses by default
+since torch 2.9, so the tests can check that drpc compiles both forms of the same trained model.
+
+Needs PyTorch (not a drpc dependency): `pip install torch==2.13.0 onnxscript && python models/export_dynamo_sample.py`.
+Loads the weights of models/mnist_resnet.onnx into make_sample's `Net` (the initializers carry the PyTorch
+parameter names) and writes models/mnist_resnet_dynamo.onnx with the weights inside the file. The two exports
+differ where the exporters do: opset 20, BatchNormalization folded into the convolutions, ReduceMean
+for the adaptive average pool, Reshape for the flatten, node and tensor names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+
+from make_sample import HERE, Net
+
+
+def main() -> None:
+    source = onnx.load(str(HERE / "mnist_resnet.onnx"))
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in source.graph.initializer}
+    net = Net()
+    state = net.state_dict()
+    missing = [k for k in state if k not in weights and not k.endswith("num_batches_tracked")]
+    assert not missing, f"weights not in the ONNX model: {missing}"
+    net.load_state_dict({k: weights.get(k, v) for k, v in state.items()})
+    net.eval()
+    x = np.load(HERE / "mnist_test.npz")["input"][:64]
+    path = HERE / "mnist_resnet_dynamo.onnx"
+    batch = torch.export.Dim("N", min=1, max=1024)
+    torch.onnx.export(net, (torch.from_numpy(x[:1]),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_shapes={"x": {0: batch}}, external_data=False, dynamo=True)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+
+    def run(p):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    diff = float(np.abs(run(path) - run(HERE / "mnist_resnet.onnx")).max())
+    assert diff < 1e-4, f"the two exports disagree by {diff}"
+    print(f"{path.name}: opset {model.opset_import[0].version}, ops {sorted({n.op_type for n in model.graph.node})}, "
+          f"max |difference| from mnist_resnet.onnx {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
