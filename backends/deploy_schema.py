@@ -10,7 +10,7 @@ import jsonschema
 
 from compiler.errors import PackageError
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 SCHEMA_FILE = "deploy.schema.json"
 SCHEMA_PATH = Path(__file__).resolve().parent / SCHEMA_FILE
 

@@ -82,7 +82,7 @@ def _pruning_section(descriptor) -> str:
         refit = l.get("sequential_refit") or {}
         error = (f"{max(refit['error_before'], 0):.4f} → {max(refit['error_after'], 0):.4f}"
                  if "error_after" in refit else "-")
-        rows.append(f"<tr><td>{_e(l['name'])}</td><td>{_e(l['op'])}</td>"
+        rows.append(f"<tr><td>{_e(_layer_label(l))}</td><td>{_e(l['op'])}</td>"
                     f"<td>{before:,} → {l['nonzero_params']:,}</td><td>{_change(before, l['nonzero_params'])}</td>"
                     f"<td>{l.get('macs_before', 0):,} → {l['nonzero_macs']:,}</td><td>{l['weight_sparsity']:.1%}</td>"
                     f"<td>{channels}</td><td>{error}</td></tr>")
@@ -108,12 +108,12 @@ def _placement_section(descriptor) -> str:
     rects = []
     for i, layer in enumerate(layers):
         colour = ENGINE_COLOURS.get(layer["engine"], "#999")
-        tip = f"{layer['name']} ({layer['op']}) on {layer['engine']}" + (
+        tip = f"{_layer_label(layer)}, {layer['op']} on {layer['engine']}" + (
             f": {layer['cpu_reason']}" if layer.get("cpu_reason") else "")
         rects.append(f"<rect x='{i * step:.2f}' y='0' width='{max(step, 0.5):.2f}' height='{bar_h}' "
                      f"fill='{colour}'><title>{_e(tip)}</title></rect>")
     legend = " ".join(f"<span class='chip' style='background:{c}'></span>{e}" for e, c in ENGINE_COLOURS.items())
-    cpu_rows = "".join(f"<tr><td>{_e(l['name'])}</td><td>{_e(l['op'])}</td><td>{_e(l.get('cpu_reason', ''))}</td></tr>"
+    cpu_rows = "".join(f"<tr><td>{_e(_layer_label(l))}</td><td>{_e(l['op'])}</td><td>{_e(l.get('cpu_reason', ''))}</td></tr>"
                        for l in layers if l["engine"] == "cpu")
     subgraphs = descriptor.get("subgraphs", [])
     return ("<section><h2>Placement</h2>"
@@ -163,9 +163,8 @@ def _layer_charts(descriptor) -> str:
     for key, title, unit in (("quant_sqnr_db", "Quantization SQNR per layer (higher is better)", " dB"),
                              ("weight_sparsity", "Weight sparsity per layer", ""),
                              ("latency_us", "Estimated latency per layer", " µs")):
-        values = [(l["name"], l.get(key)) for l in layers if isinstance(l.get(key), (int, float))]
-        if key == "weight_sparsity":
-            values = [(n, v) for n, v in values if any(l["name"] == n and l["params"] > 0 for l in layers)]
+        values = [(l.get("pytorch_module") or l["name"], l.get(key)) for l in layers
+                  if isinstance(l.get(key), (int, float)) and (key != "weight_sparsity" or l["params"] > 0)]
         if values:
             charts.append(_bar_chart(title, values, unit))
     return "<section><h2>Per layer</h2>" + "".join(charts) + "</section>" if charts else ""
@@ -184,6 +183,12 @@ def _bar_chart(title: str, values: list[tuple[str, float]], unit: str) -> str:
     height = row_h * len(values)
     return (f"<h3>{_e(title)}</h3><svg class='bars' viewBox='0 0 {label_w + bar_w + 90} {height}' "
             f"width='{label_w + bar_w + 90}' height='{height}'>{''.join(rows)}</svg>")
+
+
+def _layer_label(layer: dict) -> str:
+    """A layer's node name, and the PyTorch module it came from when the exporter recorded one."""
+    module = layer.get("pytorch_module")
+    return f"{layer['name']} ({module})" if module else layer["name"]
 
 
 def _kv(key, value) -> str:

@@ -121,6 +121,8 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
     ctx = CompileContext(target=tgt, calib=data, show_progress=show_progress,
                          options={"exclude": list(exclude), "seed": seed,
                                   "preprocessing": _preprocessing_facts(preprocess, module)})
+    for node_name, path in module.torch_modules.items():
+        ctx.layer(node_name, pytorch_module=path)
     if data.synthetic:
         ctx.warn("no --calib data: calibrated on synthetic inputs, accuracy is UNMEASURED")
     for name, shape in fixed.items():

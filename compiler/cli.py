@@ -85,7 +85,7 @@ def compile_cmd(
     out.print(f"layers: {t['layers_on_drpai']} on DRP-AI, {t['layers_on_cpu']} on CPU; "
               f"{_count('MACs', t, 'macs', pruned)}; {_count('params', t, 'params', pruned)}")
     if pruned:
-        out.print(_pruning_line(prune_facts))
+        out.print(_pruning_line(prune_facts, result.descriptor["layers"]))
     out.print(f"memory: {t['memory_bytes'] / 2**20:.2f} MiB (activations {t['activation_bytes'] / 2**20:.2f} MiB, "
               f"{t['activation_bytes_no_reuse'] / 2**20:.2f} MiB without reuse); "
               f"estimated latency {t['estimated_latency_ms']:.3f} ms")
@@ -99,14 +99,17 @@ def _count(label: str, totals: dict, key: str, pruned: bool) -> str:
     return f"{label} {before_after(totals, key, ' non-zero')}"
 
 
-def _pruning_line(facts: dict) -> str:
+def _pruning_line(facts: dict, layers: list[dict]) -> str:
     """'pruning: 70.0% of 29,744 prunable weights removed (sparse); kept dense: 'conv0', 'fc'' (the stem and
-    classifier are outside the ratio, which is why the model's params fall by less than --prune)."""
+    classifier are outside the ratio, which is why the model's params fall by less than --prune), each layer
+    followed by its PyTorch module when the exporter recorded one."""
     how = facts["mode"] + (f", {len(facts['steps'])} steps" if len(facts.get("steps", [])) > 1 else "")
     line = (f"pruning: {facts['achieved_ratio']:.1%} of {facts['prunable_weights']:,} prunable weights removed "
             f"({how})")
     if facts.get("kept_dense"):
-        line += "; kept dense: " + ", ".join(f"'{name}'" for name in facts["kept_dense"])
+        modules = {layer["name"]: layer.get("pytorch_module") for layer in layers}
+        line += "; kept dense: " + ", ".join(f"'{name}'" + (f" ({modules[name]})" if modules.get(name) else "")
+                                              for name in facts["kept_dense"])
     return line
 
 

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx import shape_inference
 
 from compiler.errors import ModelLoadError, UnsupportedModelError
+from compiler.torch_names import torch_modules
 
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
@@ -38,6 +39,7 @@ class Module:
     doc_string: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    torch_modules: dict[str, str] = field(default_factory=dict)  # node name → PyTorch module (torch.export)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -90,6 +92,7 @@ class Module:
             doc_string=proto.doc_string,
             metadata={p.key: p.value for p in proto.metadata_props},
             source=source,
+            torch_modules=torch_modules(proto.graph),
         )
 
     # ----------------------------------------------------------------- export

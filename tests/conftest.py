@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,3 +18,11 @@ def corpus() -> Path:
     if not (CORPUS / "models").is_dir():
         pytest.skip("../shared/corpus is not present")
     return CORPUS
+
+
+@pytest.fixture(autouse=True)
+def _fresh_random_data():
+    """Every test draws the same random weights and inputs (graphs.rand) whatever ran before it in the process,
+    so a test's data does not depend on the test order or on how pytest-xdist shares tests out."""
+    import graphs
+    graphs.RNG = np.random.default_rng(0)

@@ -119,17 +119,23 @@ def test_report_and_timing_show_where_the_pruning_time_went(compiled, tmp_path, 
     assert "Measuring layer sensitivity" not in rows and "Refitting" not in rows
 
 
-def test_torch_export_of_the_sample_compiles_like_its_torchscript_export(compiled, tmp_path):
+def test_torch_export_of_the_sample_compiles_like_its_torchscript_export(compiled, tmp_path, capsys):
     """models/mnist_resnet_dynamo.onnx is the same trained network through torch.export (opset 20, ReduceMean for
-    the average pool): the README's command keeps every layer on DRP-AI and gives the same answers."""
-    out = tmp_path / "dynamo"
-    assert main(["compile", str(ROOT / "models" / "mnist_resnet_dynamo.onnx"), "--target", "rzv2h", "--prune", "0.7",
-                 "--calib", str(CALIB), "--out", str(out)]) == 0
+    the average pool, nodes named 'node_Conv_124'): the README's command keeps every layer on DRP-AI, gives the
+    same answers, and names each layer's PyTorch module."""
+    source, out = ROOT / "models" / "mnist_resnet_dynamo.onnx", tmp_path / "dynamo"
+    assert main(["compile", str(source), "--target", "rzv2h", "--prune", "0.7", "--calib", str(CALIB),
+                 "--out", str(out)]) == 0
+    assert "kept dense: 'node_Conv_124' (stem.0), 'node_linear_1' (fc2)" in capsys.readouterr().out
     facts = {p["name"]: p for p in json.loads((out / "report.json").read_text())["passes"]}
     assert facts["reduce-mean-to-pool"]["rewritten"] == 1
-    totals = [json.loads((pkg / "deploy.json").read_text())["totals"] for pkg in (compiled[0], out)]
-    assert totals[1]["layers_on_cpu"] == totals[0]["layers_on_cpu"] == 0
-    assert totals[1]["layers_on_drpai"] == totals[0]["layers_on_drpai"]
+    deploys = [json.loads((pkg / "deploy.json").read_text()) for pkg in (compiled[0], out)]
+    assert deploys[1]["totals"]["layers_on_cpu"] == deploys[0]["totals"]["layers_on_cpu"] == 0
+    assert deploys[1]["totals"]["layers_on_drpai"] == deploys[0]["totals"]["layers_on_drpai"]
+    parameters = {t.name for t in onnx.load(str(source)).graph.initializer}
+    weighted = [l for l in deploys[1]["layers"] if l["op"] in ("Conv", "Gemm")]
+    assert len(weighted) == 10 and all(l["pytorch_module"] + ".weight" in parameters for l in weighted)
+    assert "node_Conv_126 (res1.a.0)" in (out / "report.html").read_text()
     with np.load(ROOT / "models" / "mnist_test.npz") as z:
         x, labels = z["input"], z["labels"]
     answers = [run_model(onnx.load(str(pkg / "model.onnx")), {"input": x})[0].argmax(1) for pkg in (compiled[0], out)]
