@@ -298,7 +298,8 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
     """Split sizes, Slice bounds and Reshape targets that count channels, recomputed for the kept channels."""
     if node.op == "Split":
         sizes = np.array([len(kept_positions(analysis.view[o.name], keep)) for o in node.outputs], dtype=np.int64)
-        if len(node.inputs) > 1 and node.inputs[1].name:
+        if graph.opset >= 13:  # sizes are an input; opset 18's num_outputs must then go
+            node.attrs.pop("num_outputs", None)
             set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_split"), sizes))
         else:
             node.attrs["split"] = [int(v) for v in sizes]

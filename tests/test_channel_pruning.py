@@ -138,7 +138,12 @@ def test_concat_of_pruned_branches_and_batchnorm_after_it(tmp_path):
     outputs_close(proto, out, feed(proto))
 
 
-def test_split_and_slice_follow_the_kept_channels(tmp_path):
+@pytest.mark.parametrize("split_form", ["input", "num_outputs", "attribute"])
+def test_split_and_slice_follow_the_kept_channels(tmp_path, split_form):
+    """Split sizes as an input (opset 13), as opset 18's num_outputs (torch.export), as an attribute (opset 11)."""
+    opset = {"input": 13, "num_outputs": 18, "attribute": 11}[split_form]
+    split = {"input": dict(inputs=["r1", "split"]), "num_outputs": dict(inputs=["r1"], num_outputs=2),
+             "attribute": dict(inputs=["r1"], split=[4, 4])}[split_form]
     inits = []
     weights("w0", 4, 3, 3, (), inits)
     weights("w1", 8, 4, 1, (0, 5, 6), inits)
@@ -149,12 +154,12 @@ def test_split_and_slice_follow_the_kept_channels(tmp_path):
               init("en", np.array([8], np.int64)), init("ax", np.array([1], np.int64))]
     nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
              conv("conv1", "r0", "w1", "c1"), helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Split", ["r1", "split"], ["left", "right"], axis=1),
+             helper.make_node("Split", outputs=["left", "right"], axis=1, **split),
              conv("conv_l", "left", "wl", "yl", pads=[1, 1, 1, 1]), conv("conv_r", "right", "wr", "yr"),
              helper.make_node("Slice", ["r1", "st", "en", "ax"], ["sl"]), conv("conv_s", "sl", "ws", "ys")]
     proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                   [("yl", TensorProto.FLOAT, None), ("yr", TensorProto.FLOAT, None), ("ys", TensorProto.FLOAT, None)],
-                  inits)
+                  inits if split_form == "input" else inits[:-4] + inits[-3:], opset=opset)
     out = pruned(tmp_path, proto, dead_ratio(proto))
     assert out_channels(out, "conv1") == 5
     outputs_close(proto, out, feed(proto))
