@@ -149,7 +149,7 @@ def _removed_weights(analysis: ChannelAnalysis, layers: list[gs.Node], drop: dic
 
     def kept(tensor: str) -> float:
         view = analysis.view.get(tensor)
-        if not view:
+        if not view or any(p.space < 0 for p in view):  # none, or blocked: nothing goes
             return 1.0
         total = sum(p.length * p.block for p in view)
         gone = sum(int(np.count_nonzero((dropped[p.space] >= p.start) & (dropped[p.space] < p.start + p.length)))
@@ -277,7 +277,9 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
             set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_bias_pruned"), bias.astype(np.float32)))
     for space in analysis.spaces:
         for f in space.followers:
-            _slice_follower(graph, f, kept_positions(analysis.view[f.outputs[0].name], keep))
+            view = analysis.view[f.outputs[0].name]
+            if any(p.space in keep for p in view):  # a blocked view (space -1) has no channel to follow
+                _slice_follower(graph, f, kept_positions(view, keep))
     for node in analysis.rewrites:
         _rewrite_offsets(graph, analysis, node, keep)
 

@@ -109,7 +109,12 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
         same_shape.append((x, shape))
     c, h, w = shape
     if rng.random() < 0.5:
-        pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+        if rng.random() < 0.5:
+            pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+        else:  # x.mean([2, 3]) as the exporters write it (reduce-mean-to-pool turns it into the pool)
+            axes = [int(a) for a in rng.choice([[2, 3], [-1, -2]])]
+            pooled = (b.node("ReduceMean", [x, b.const("axes", np.array(axes, np.int64))], keepdims=0)
+                      if opset >= 18 else b.node("ReduceMean", [x], axes=axes, keepdims=0))
         classes = int(rng.integers(2, 11))
         if rng.random() < 0.5:
             y = b.node("Gemm", [pooled, b.const("fc", b.weights(classes, c)), b.const("fcb", np.zeros(classes, np.float32))],

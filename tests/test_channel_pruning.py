@@ -229,6 +229,26 @@ def test_unknown_op_named_when_the_ratio_cannot_be_met(tmp_path):
         pruned(tmp_path, unknown_op_model(), 0.9)
 
 
+def test_blocked_mix_leaves_a_depthwise_layer_whole(tmp_path):
+    """A depthwise conv on the graph input (its channels are the input's) added to a Concat of two branches:
+    that mix is blocked, and pruning the other group must leave the depthwise conv's channels alone (the
+    fuzzer found them all sliced away)."""
+    inits = []
+    weights("wd", 8, 1, 3, (), inits)
+    weights("w1", 7, 8, 3, (), inits)
+    weights("wa", 3, 7, 1, (), inits)
+    weights("wb", 5, 7, 3, (), inits)
+    nodes = [conv("stem_dw", "x", "wd", "d", group=8, pads=[1, 1, 1, 1]),
+             conv("conv1", "d", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv("branch_a", "r1", "wa", "a"), conv("branch_b", "r1", "wb", "b", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1), helper.make_node("Add", ["cat", "d"], ["y"])]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 8, 8, 8])], [("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    out = pruned(tmp_path, proto, 0.2)
+    assert out_channels(out, "conv1") < 7
+    assert [out_channels(out, n) for n in ("stem_dw", "branch_a", "branch_b")] == [8, 3, 5]
+    onnx.checker.check_model(out, full_check=True)
+
+
 def test_sample_resnet_prunes_across_residual_adds_and_reports_before_and_after(tmp_path, capsys):
     """The shipped ResNet-style model through the CLI: channel pruning at 0.5 crosses its residual Adds, keeps
     accuracy, and the summary line, deploy.json and report.html give MACs and params before → after."""
