@@ -142,7 +142,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             if all(isinstance(p, gs.Constant) for p in params) and all(
                     t is ins[0] or isinstance(t, gs.Constant) or t.name == "" for t in node.inputs):
                 links.add_edge(ins[0].name, outs[0].name)
-                if params:
+                if params or resize_sizes(node) is not None:
                     followers.setdefault(outs[0].name, []).append(node)
                 continue
         if op in ELEMENTWISE and outs and rank is not None:
@@ -237,6 +237,13 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             s.blocked = "no prunable layer produces these channels"
     usable = [(n, t) for n, t in consumers if t in view and all(p.space >= 0 for p in view[t])]
     return ChannelAnalysis(spaces, view, usable, rewrites)
+
+
+def resize_sizes(node: gs.Node) -> np.ndarray | None:
+    """A Resize's constant output `sizes` (torch.export writes them, channel count included), else None."""
+    if node.op != "Resize" or len(node.inputs) < 4 or not isinstance(node.inputs[3], gs.Constant):
+        return None
+    return np.asarray(node.inputs[3].values, dtype=np.int64)
 
 
 def channel_params(node: gs.Node, channels: int) -> list[tuple[int, int]]:

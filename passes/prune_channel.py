@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.rewrite import const_value, fresh_name, set_input
-from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions
+from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
 from passes.prune_common import layer_statistics, rows_to_weight, shifted_inputs, weight_rows
 from passes.prune_sensitivity import measured_curves
 
@@ -285,10 +285,15 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
 
 
 def _slice_follower(graph, node: gs.Node, kept: np.ndarray) -> None:
-    """Slice a depthwise Conv, a BatchNorm-like op's parameters or a per-channel constant to `kept` channels."""
+    """Slice a depthwise Conv, a BatchNorm-like op's parameters or a per-channel constant to `kept` channels, or
+    set a Resize's output sizes to that many channels."""
     c = node.outputs[0].shape[1]
     if len(kept) == c:
         return
+    sizes = resize_sizes(node)
+    if sizes is not None:
+        sizes[1] = len(kept)
+        set_input(node, 3, gs.Constant(fresh_name(graph, node.inputs[3].name + "_pruned"), sizes))
     for i, axis in channel_params(node, c):
         t = node.inputs[i]
         set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), np.take(np.asarray(t.values), kept, axis=axis)))

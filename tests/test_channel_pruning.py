@@ -229,6 +229,23 @@ def test_unknown_op_named_when_the_ratio_cannot_be_met(tmp_path):
         pruned(tmp_path, unknown_op_model(), 0.9)
 
 
+def test_resize_with_constant_sizes_follows_the_kept_channels(tmp_path):
+    """torch.export writes a bilinear upsample as Resize with constant output sizes [N, C, H, W]."""
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 6, 4, 1, (1, 4), inits)
+    weights("w2", 3, 6, 3, (), inits)
+    inits.append(init("sizes", np.array([1, 6, 16, 16], np.int64)))
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1"), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Resize", ["r1", "", "", "sizes"], ["up"], mode="linear"),
+             conv("conv2", "up", "w2", "y", pads=[1, 1, 1, 1])]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 3, 16, 16])], inits)
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert out_channels(out, "conv1") == 4
+    outputs_close(proto, out, feed(proto))
+
+
 def test_blocked_mix_leaves_a_depthwise_layer_whole(tmp_path):
     """A depthwise conv on the graph input (its channels are the input's) added to a Concat of two branches:
     that mix is blocked, and pruning the other group must leave the depthwise conv's channels alone (the
