@@ -35,7 +35,7 @@ class ReduceMeanToPool(Pass):
         for node in list(graph.nodes):
             if node.op != "ReduceMean" or node.domain or not _over_spatial_axes(node):
                 continue
-            x, out, keepdims = node.inputs[0], node.outputs[0], node.attrs.get("keepdims", 1)
+            out, keepdims = node.outputs[0], node.attrs.get("keepdims", 1)
             node.op, node.attrs = "GlobalAveragePool", {}
             while len(node.inputs) > 1:  # the axes
                 node.inputs.pop()
