@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from compiler.activations import stream_activations
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Pass, register_pass
 from compiler.runtime import make_session
+
+FP16_MAX = 65504.0
+RANGE_SAMPLES = 16  # calibration samples the range check runs, one at a time (bounded memory)
 
 # Kept in float32: ops whose fp16 kernels are missing in onnxruntime or that need the range.
 KEEP_FLOAT = ["Range", "NonMaxSuppression", "TopK", "RoiAlign", "CumSum", "Resize", "Upsample", "If", "Loop",
@@ -22,6 +27,9 @@ class ConvertFp16(Pass):
     Uses onnxruntime's float16 converter (Cast nodes at the borders of float32 islands). Guarantees: the
     model's interface is unchanged; ops listed in KEEP_FLOAT, custom-domain ops, nodes named in
     ctx.options["exclude"] and nodes whose outputs If/Loop bodies read from the outer scope stay float32.
+    A float tensor that reaches past fp16's range (65504) on the calibration data is named in a warning:
+    the device overflows there, while onnxruntime's CPU kernels, which run many fp16 ops in float32, can hide
+    it from the simulator.
     """
 
     name = "convert-fp16"
@@ -33,6 +41,12 @@ class ConvertFp16(Pass):
         block_nodes = [n.name for n in graph.nodes if n.name in exclude or n.op in exclude or n.domain
                        or any(t.name in captured for t in n.outputs)]
         proto = module.to_proto(infer_shapes=True)
+        overflow = _beyond_fp16(proto, ctx.calib) if ctx is not None and ctx.calib is not None else {}
+        if overflow:
+            name, peak = max(overflow.items(), key=lambda kv: kv[1])
+            ctx.warn(f"{len(overflow)} tensors pass fp16's range (65504) on the calibration data, the largest "
+                     f"'{name}' at {peak:.3g}: the fp16 model overflows there on the device; scale the model's "
+                     f"inputs or weights, or use an int8 target")
         hidden = _hide_subgraphs(proto)
         converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=KEEP_FLOAT + [OPAQUE],
                                              node_block_list=block_nodes, disable_shape_infer=True)
@@ -45,8 +59,25 @@ class ConvertFp16(Pass):
             raise UnsupportedModelError(f"fp16 conversion gives a model onnxruntime refuses{where}: {first}") from None
         module.graph = gs.import_onnx(converted)
         if ctx is not None:
-            ctx.log(kept_float_ops=sorted({n.op for n in graph.nodes if n.op in KEEP_FLOAT}), kept_float_nodes=block_nodes)
+            ctx.log(kept_float_ops=sorted({n.op for n in graph.nodes if n.op in KEEP_FLOAT}), kept_float_nodes=block_nodes,
+                    beyond_fp16=sorted(overflow, key=overflow.get, reverse=True)[:20])
         return True
+
+
+def _beyond_fp16(proto: onnx.ModelProto, calib) -> dict[str, float]:
+    """{tensor: largest |value|} for the float32 node outputs that pass fp16's range on the first calibration
+    samples."""
+    types = {v.name: v.type.tensor_type.elem_type for v in list(proto.graph.value_info) + list(proto.graph.output)}
+    names = [o for n in proto.graph.node for o in n.output if types.get(o) == onnx.TensorProto.FLOAT]
+    peaks: dict[str, float] = {}
+    if not names:
+        return peaks
+    for values in stream_activations(proto, names, calib, batch_size=1, max_samples=RANGE_SAMPLES):
+        for name, v in values.items():
+            peak = float(np.max(np.abs(v))) if v.size else 0.0
+            if peak > FP16_MAX and peak > peaks.get(name, 0.0):
+                peaks[name] = peak
+    return peaks
 
 
 OPAQUE = "DrpcOpaqueSubgraphOp"

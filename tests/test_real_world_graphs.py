@@ -1,5 +1,7 @@
 """Constructs real models have: symbolic dims without data, weights in Constant nodes, If with captures, LSTM."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -69,3 +71,23 @@ def test_fp16_keeps_if_bodies_consistent(tmp_path):
     assert report.ok and report.outputs["y"]["cosine"] > 0.999
     compiled = onnx.load(str(out / "model.onnx"))
     assert any(n.op_type == "Cast" for n in compiled.graph.node)
+
+
+def test_fp16_names_the_tensors_past_its_range(tmp_path):
+    """The sample for rzv2l (fp16): with its own calibration data nothing passes 65504; fed inputs 10^4 times
+    larger (pixels not normalized, say), the compile warns and names the largest tensor (onnxruntime's CPU
+    kernels run many fp16 layers in float32, so the simulator does not see the overflow)."""
+    root = Path(__file__).resolve().parents[1]
+    with np.load(root / "models" / "mnist_calib.npz") as z:
+        x = z["input"][:16]
+    np.save(tmp_path / "calib.npy", x)
+    np.save(tmp_path / "raw.npy", x * 1e4)
+    warnings = {}
+    for name in ("calib", "raw"):
+        result = compile_model(root / "models" / "mnist_resnet.onnx", "rzv2l", tmp_path / name,
+                               calib=tmp_path / f"{name}.npy")
+        warnings[name] = [w for w in result.warnings if "fp16's range" in w]
+    assert warnings["calib"] == []
+    assert len(warnings["raw"]) == 1 and "the largest '" in warnings["raw"][0], warnings["raw"]
+    facts = next(r.facts for r in result.records if r.name == "convert-fp16")
+    assert facts["beyond_fp16"] and f"'{facts['beyond_fp16'][0]}'" in warnings["raw"][0]
