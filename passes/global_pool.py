@@ -29,28 +29,34 @@ class ReduceMeanToPool(Pass):
     lossless = True
 
     def run(self, module, ctx) -> bool:
-        module.infer_shapes()
-        graph = module.graph
         rewritten = 0
-        for node in list(graph.nodes):
-            if node.op != "ReduceMean" or node.domain or not _over_spatial_axes(node):
-                continue
-            out, keepdims = node.outputs[0], node.attrs.get("keepdims", 1)
-            node.op, node.attrs = "GlobalAveragePool", {}
-            while len(node.inputs) > 1:  # the axes
-                node.inputs.pop()
-            if not keepdims:
-                pooled = gs.Variable(fresh_name(graph, out.name + "_pooled"), dtype=out.dtype)
-                node.outputs.clear()
-                node.outputs.append(pooled)
-                graph.nodes.append(gs.Node("Flatten", fresh_name(graph, node.name + "_flatten"), {"axis": 1},
-                                           inputs=[pooled], outputs=[out]))
-            rewritten += 1
-        if rewritten:
-            graph.toposort()
+        if any(n.op == "ReduceMean" for n in module.graph.nodes):
+            module.infer_shapes()  # the input ranks
+            rewritten = _rewrite(module.graph)
         if ctx is not None:
             ctx.log(rewritten=rewritten)
         return rewritten > 0
+
+
+def _rewrite(graph: gs.Graph) -> int:
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "ReduceMean" or node.domain or not _over_spatial_axes(node):
+            continue
+        out, keepdims = node.outputs[0], node.attrs.get("keepdims", 1)
+        node.op, node.attrs = "GlobalAveragePool", {}
+        while len(node.inputs) > 1:  # the axes
+            node.inputs.pop()
+        if not keepdims:
+            pooled = gs.Variable(fresh_name(graph, out.name + "_pooled"), dtype=out.dtype)
+            node.outputs.clear()
+            node.outputs.append(pooled)
+            graph.nodes.append(gs.Node("Flatten", fresh_name(graph, node.name + "_flatten"), {"axis": 1},
+                                       inputs=[pooled], outputs=[out]))
+        rewritten += 1
+    if rewritten:
+        graph.toposort()
+    return rewritten
 
 
 def _over_spatial_axes(node: gs.Node) -> bool:
