@@ -44,7 +44,7 @@ class ConvertFp16(Pass):
         overflow = _beyond_fp16(proto, ctx.calib) if ctx is not None and ctx.calib is not None else {}
         if overflow:
             name, peak = max(overflow.items(), key=lambda kv: kv[1])
-            ctx.warn(f"{len(overflow)} tensors pass fp16's range (65504) on the calibration data, the largest "
+            ctx.warn(f"{len(overflow)} tensors pass fp16's range ({FP16_MAX:g}) on the calibration data, the largest "
                      f"'{name}' at {peak:.3g}: the fp16 model overflows there on the device; scale the model's "
                      f"inputs or weights, or use an int8 target")
         hidden = _hide_subgraphs(proto)
