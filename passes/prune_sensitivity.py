@@ -6,7 +6,9 @@ curve is the relative squared error of all model outputs against the float model
 become graph inputs, so one onnxruntime session serves every measurement of a unit by feeding different
 values; that session runs only the part of the model the unit influences, from the float model's tensors
 where that part begins, and every other weight in it stays a constant (onnxruntime runs a model whose
-weights are inputs 1.3-1.9x slower: it cannot prepack them).
+weights are inputs 1.3-1.9x slower: it cannot prepack them). Those float tensors come from a checkpoint that
+walks forward through the model with the units (see CheckpointedStream), so each unit computes only the
+nodes since the one before it rather than the whole model up to where it begins.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from compiler.activations import downstream, stream_activations
+from compiler.activations import CheckpointedStream, downstream
 from compiler.runtime import make_session
 
 SAMPLES = 32
 POINTS = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+CHECKPOINT_BYTES = 256 << 20  # the float tensors held at the checkpoint, over all samples measured on
 
 
 def weights_as_inputs(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -47,7 +50,7 @@ class Sensitivity:
     def __init__(self, proto: onnx.ModelProto, units: list[tuple[str, str, list[str]]], calib,
                  prune: Callable[[str, float], dict[str, np.ndarray]], points=POINTS, samples: int = SAMPLES,
                  floors: dict[str, float] | None = None):
-        self.proto, self.units, self.calib, self.prune, self.points = proto, units, calib, prune, tuple(points)
+        self.proto, self.units, self.prune, self.points = proto, units, prune, tuple(points)
         self.grid = np.array((0.0, *self.points))
         sess = make_session(proto, arena=False)
         model_inputs = {i.name for i in sess.get_inputs()}
@@ -68,7 +71,10 @@ class Sensitivity:
 
     def measure(self, upto: dict[str, float], progress=None) -> None:
         """Measure each unit of `upto` at the points up to its ratio there that are not measured yet."""
-        for key, start, tensors in self.units:
+        nodes = list(self.proto.graph.node)
+        position = {n.name: i for i, n in enumerate(nodes)}
+        checkpoint = CheckpointedStream(_Held(self.feeds, self.samples), batch_size=16, budget=CHECKPOINT_BYTES)
+        for key, start, tensors in sorted(self.units, key=lambda u: position.get(u[1], 0)):  # the checkpoint's way
             if key not in upto:
                 continue
             todo = [i for i, p in enumerate(self.points) if p <= upto[key] + 1e-9 and np.isnan(self.errors[key][i])]
@@ -76,8 +82,9 @@ class Sensitivity:
                 originals = {t: onnx.numpy_helper.to_array(self.initializers[t]) for t in tensors}
                 variants = [{**originals, **self.prune(key, self.points[i])} for i in todo]
                 errors = np.zeros(len(todo))
-                part_sess, batches = _influenced_part(self.proto, set(tensors), start, self.calib, self.feeds,
-                                                      self.samples)
+                if position.get(start, 0) > 0:
+                    checkpoint.advance(self.proto, nodes[position[start] - 1].name)
+                part_sess, batches = _influenced_part(self.proto, set(tensors), start, checkpoint, self.feeds)
                 wanted = {i.name for i in part_sess.get_inputs()}
                 part_outputs = [o.name for o in part_sess.get_outputs()]
                 for feed, ref in zip(batches, self.reference):  # one batch of entry tensors held at a time
@@ -118,10 +125,21 @@ def measured_curves(proto: onnx.ModelProto, units: list[tuple[str, str, list[str
     return sensitivity.grid, sensitivity.curves()
 
 
-def _influenced_part(proto, tensors: set[str], node_name, calib, feeds, samples):
+class _Held:
+    """The feeds a Sensitivity measures on, as the calibration set a CheckpointedStream reads."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], samples: int):
+        self.feeds, self.num_samples = feeds, samples
+
+    def batches(self, batch_size: int = 16):
+        return iter(self.feeds)
+
+
+def _influenced_part(proto, tensors: set[str], node_name, checkpoint: CheckpointedStream, feeds):
     """(session, iterator of feeds per batch) running only the part of `proto` that `node_name` influences, with
     the constant `tensors` as graph inputs and every other weight a constant (so onnxruntime prepacks it), its
-    entry tensors computed by `proto` on the same batches; the whole model when the part cannot be cut out."""
+    entry tensors computed by `proto` on the same batches from `checkpoint`; the whole model when the part
+    cannot be cut out."""
     part = downstream(proto, node_name)
     if part is None:
         return make_session(weights_as_inputs(proto, tensors), arena=False), iter(feeds)
@@ -129,5 +147,4 @@ def _influenced_part(proto, tensors: set[str], node_name, calib, feeds, samples)
     session = make_session(weights_as_inputs(model, tensors), arena=False)
     if not cut:  # the part reads graph inputs only
         return session, iter(feeds)
-    entries = stream_activations(proto, cut, calib, batch_size=16, max_samples=samples)
-    return session, ({**f, **e} for f, e in zip(feeds, entries))
+    return session, ({**f, **e} for f, e in zip(feeds, checkpoint.stream(proto, cut)))

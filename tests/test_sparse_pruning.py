@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from onnx import TensorProto, helper
 
 from backends.emit import weight_zeros
-from compiler.activations import stream_activations
+from compiler.activations import downstream, stream_activations
 from compiler.api import compile_model, input_specs
 from compiler.calib_data import load_calibration
 from compiler.errors import DrpcError
@@ -368,6 +368,37 @@ def test_sensitivity_skips_the_ratios_a_layer_is_already_pruned_to_and_loses_not
     assert np.max(everything[node.name][skipped]) < 1e-9  # what the skipped ratios would have measured
     assert np.allclose(above[node.name][~skipped], everything[node.name][~skipped], rtol=1e-9, atol=0)
     assert above[node.name][-1] > 1e-4  # the ratios above the floor do cost something
+
+
+def test_sensitivity_equals_the_whole_model_run_with_the_layer_pruned():
+    """Each curve point, measured on the part of the model the layer influences from float tensors held at a
+    checkpoint that walks forward with the layers, is the relative output error onnxruntime gives for the
+    whole model with that layer alone pruned (the sample ResNet: residual Adds make skip tensors entries)."""
+    module = Module.from_proto(onnx.load(str(SAMPLE)))
+    module.infer_shapes()  # as the pass does: the parts' entry tensors need declared types
+    calib = load_calibration(CALIB, input_specs(module))
+    convs = [n for n in module.graph.nodes if n.op == "Conv"][1:]
+    weights = {n.name: np.asarray(n.inputs[1].values, np.float32) for n in convs}
+
+    def prune(key, r):
+        node = next(n for n in convs if n.name == key)
+        return {node.inputs[1].name: sparse_prune_layer(node, weights[key], r, None, None)[0]}
+
+    units = [(n.name, n.name, [n.inputs[1].name]) for n in convs]
+    grid, curves = measured_curves(module.to_proto(), units, calib, prune, points=(0.5, 0.9))
+    x = next(calib.batches(32))["input"]
+    float_out = run_model(module.to_proto(), {"input": x})
+    energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for o in float_out)
+    for node in convs:
+        for i, ratio in enumerate(grid[1:], start=1):
+            proto = module.to_proto()
+            (name, value), = prune(node.name, ratio).items()
+            next(t for t in proto.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(value, name))
+            out = run_model(proto, {"input": x})
+            expected = sum(float(np.sum(np.square(o.astype(np.float64) - f))) for o, f in zip(out, float_out)) / energy
+            assert curves[node.name][i] == pytest.approx(expected, rel=1e-4, abs=1e-9), (node.name, ratio)
+    assert len(convs) >= 6 and all(curves[n.name][-1] > 0 for n in convs)
+    assert all(downstream(module.to_proto(), n.name)[1] for n in convs)  # measured on parts, not the whole
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
