@@ -143,21 +143,21 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Acti
     for g in range(groups):
         xx, xt = normal.xx[g], normal.xt[g]
         lam = ridge * max(float(np.mean(np.diag(xx)[:d])), 1e-12)
+        solver = _MaskedRidge(xx, lam)
         for r in range(per_group):
             o = g * per_group + r
-            keep = np.flatnonzero(rows[o])
-            w0 = rows[o, keep]
+            w0 = np.append(rows[o], bias[o]) if intercept else rows[o]
+            keep = np.flatnonzero(w0)
             if intercept:
-                keep, w0 = np.append(keep, d), np.append(w0, bias[o])
+                keep = np.union1d(keep, [d])
             if keep.size == 0:
                 continue
-            a = xx[np.ix_(keep, keep)]
-            w = np.linalg.solve(a + lam * np.eye(keep.size), xt[keep, r] + lam * w0)
-            before += float(w0 @ a @ w0 - 2 * w0 @ xt[keep, r])
-            after += float(w @ a @ w - 2 * w @ xt[keep, r])
+            w = solver.solve(xt[:, r] + lam * w0, keep)
+            before += float(w0 @ xx @ w0 - 2 * w0 @ xt[:, r])
+            after += float(w @ xx @ w - 2 * w @ xt[:, r])
+            new_rows[o] = w[:d]
             if intercept:
-                w, new_bias[o] = w[:-1], w[-1]
-            new_rows[o, keep[: w.size]] = w
+                new_bias[o] = w[d]
     tt = float(normal.tt.sum())
     variance = max(tt - float(np.sum(normal.ts**2)) / max(normal.count, 1), 1e-30)
     node.inputs[1] = gs.Constant(node.inputs[1].name + "_refit", rows_to_weight(node, new_rows, weight.shape)
@@ -166,6 +166,33 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Acti
         add_to_bias(graph, node, new_bias - bias)
     return {"error_before": (before + tt) / variance, "error_after": (after + tt) / variance,
             "residual": bool(partner)}
+
+
+class _MaskedRidge:
+    """argmin over w with zeros off `keep` of ½ wᵀ(XᵀX + λI)w − rhsᵀw, for many rows sharing XᵀX. A row keeping
+    few inputs is solved on them; one keeping most (a lightly pruned or channel-pruned layer) is solved from the
+    inverse of the whole matrix, formed once, and a solve on the inputs it drops (zeroing them with Lagrange
+    multipliers): the same minimum, at a fraction of the cost for wide layers."""
+
+    def __init__(self, xx: np.ndarray, lam: float):
+        self.matrix = xx + lam * np.eye(xx.shape[0])
+        self._inverse = None
+
+    def solve(self, rhs: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        n = rhs.size
+        w = np.zeros(n)
+        if n - keep.size > keep.size // 2:
+            w[keep] = np.linalg.solve(self.matrix[np.ix_(keep, keep)], rhs[keep])
+            return w
+        if self._inverse is None:
+            self._inverse = np.linalg.inv(self.matrix)
+        m = self._inverse
+        full = m @ rhs
+        drop = np.setdiff1d(np.arange(n), keep, assume_unique=True)
+        if drop.size:
+            full -= m[:, drop] @ np.linalg.solve(m[np.ix_(drop, drop)], full[drop])
+        w[keep] = full[keep]
+        return w
 
 
 def refit_in_order(module, ctx, layers: list[gs.Node], dense, kept: dict[str, np.ndarray] | None = None) -> None:

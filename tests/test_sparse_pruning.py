@@ -21,7 +21,7 @@ from compiler.sparsity import skippable_zeros
 import passes.prune_sparse as prune_sparse
 from passes.prune import FEW_SAMPLES, allocate_sparsity, measured_allocation, step_ratios
 from passes.prune_common import LayerStats
-from passes.prune_refit import refit_layer
+from passes.prune_refit import _MaskedRidge, refit_layer
 from passes.prune_sensitivity import POINTS, Sensitivity, measured_curves
 from passes.prune_sparse import obs_prune, sparse_prune_layer
 from graphs import init, model
@@ -368,6 +368,22 @@ def test_sensitivity_skips_the_ratios_a_layer_is_already_pruned_to_and_loses_not
     assert np.max(everything[node.name][skipped]) < 1e-9  # what the skipped ratios would have measured
     assert np.allclose(above[node.name][~skipped], everything[node.name][~skipped], rtol=1e-9, atol=0)
     assert above[node.name][-1] > 1e-4  # the ratios above the floor do cost something
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.8, 1.0])
+def test_masked_ridge_solves_on_the_kept_inputs_by_either_route(kept):
+    """The refit's row solve gives the minimum over the kept inputs (zero elsewhere) whether it solves on them
+    (few kept) or goes through the whole inverse (most kept); a dead input does not disturb it."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 400))
+    x[:, 7] = 0.0
+    xx, rhs = x.T @ x, rng.standard_normal(400)
+    lam = 0.1 * np.mean(np.diag(xx))
+    keep = np.sort(rng.choice(400, int(kept * 400), replace=False))
+    w = _MaskedRidge(xx, lam).solve(rhs, keep)
+    direct = np.linalg.solve((xx + lam * np.eye(400))[np.ix_(keep, keep)], rhs[keep])
+    assert np.all(np.delete(w, keep) == 0)
+    assert np.allclose(w[keep], direct, rtol=1e-9, atol=1e-12)
 
 
 def test_sensitivity_equals_the_whole_model_run_with_the_layer_pruned():
