@@ -18,9 +18,9 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.
     scale = max(float(np.mean(np.diag(h))), 1e-12)
     for attempt in range(6):
         try:
-            lower = np.linalg.cholesky(h + damp * 10**attempt * scale * np.eye(d))
-            inv_lower = np.linalg.solve(lower, np.eye(d))
-            return np.linalg.cholesky(inv_lower.T @ inv_lower).T, dead
+            # with J the flip and J H J = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper-triangular
+            lower = np.linalg.cholesky((h + damp * 10**attempt * scale * np.eye(d))[::-1, ::-1])
+            return np.ascontiguousarray(np.linalg.inv(lower)[::-1, ::-1]), dead
         except np.linalg.LinAlgError:
             continue
     return np.diag(1.0 / np.sqrt(np.diag(h) + scale)), dead

@@ -24,6 +24,7 @@ from passes.prune_common import LayerStats
 from passes.prune_refit import _MaskedRidge, refit_layer
 from passes.prune_sensitivity import POINTS, Sensitivity, measured_curves
 from passes.prune_sparse import obs_prune, sparse_prune_layer
+from passes.second_order import inverse_hessian_factor
 from graphs import init, model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,6 +369,24 @@ def test_sensitivity_skips_the_ratios_a_layer_is_already_pruned_to_and_loses_not
     assert np.max(everything[node.name][skipped]) < 1e-9  # what the skipped ratios would have measured
     assert np.allclose(above[node.name][~skipped], everything[node.name][~skipped], rtol=1e-9, atol=0)
     assert above[node.name][-1] > 1e-4  # the ratios above the floor do cost something
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """Uᵀ U = (H + λI)⁻¹ with U upper-triangular, λ = damp x mean(diag H), an input that never fires (zero row and
+    column) given a unit diagonal and reported dead; a singular H still gets a factor."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 60))
+    x[:, 4] = 0.0
+    h = x.T @ x
+    u, dead = inverse_hessian_factor(h, 0.01)
+    fixed = h.copy()
+    fixed[4, 4] = 1.0
+    expected = np.linalg.inv(fixed + 0.01 * np.mean(np.diag(fixed)) * np.eye(60))
+    assert np.array_equal(u, np.triu(u)) and np.flatnonzero(dead).tolist() == [4]
+    assert np.allclose(u.T @ u, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+    low_rank = x[:20].T @ x[:20]  # rank 20 of 60
+    u, _ = inverse_hessian_factor(low_rank, 0.0)
+    assert np.all(np.isfinite(u)) and np.array_equal(u, np.triu(u))
 
 
 @pytest.mark.parametrize("kept", [0.3, 0.8, 1.0])
