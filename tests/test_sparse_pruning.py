@@ -405,12 +405,11 @@ def test_masked_ridge_solves_on_the_kept_inputs_by_either_route(kept):
     assert np.allclose(w[keep], direct, rtol=1e-9, atol=1e-12)
 
 
-def test_sensitivity_equals_the_whole_model_run_with_the_layer_pruned():
-    """Each curve point, measured on the part of the model the layer influences from float tensors held at a
-    checkpoint that walks forward with the layers, is the relative output error onnxruntime gives for the
-    whole model with that layer alone pruned (the sample ResNet: residual Adds make skip tensors entries)."""
+def sample_conv_units(shapes: bool = False):
+    """The sample ResNet's convs after the stem as sensitivity units, each pruned by magnitude."""
     module = Module.from_proto(onnx.load(str(SAMPLE)))
-    module.infer_shapes()  # as the pass does: the parts' entry tensors need declared types
+    if shapes:  # as the pass does: the parts' entry tensors need declared types
+        module.infer_shapes()
     calib = load_calibration(CALIB, input_specs(module))
     convs = [n for n in module.graph.nodes if n.op == "Conv"][1:]
     weights = {n.name: np.asarray(n.inputs[1].values, np.float32) for n in convs}
@@ -419,7 +418,14 @@ def test_sensitivity_equals_the_whole_model_run_with_the_layer_pruned():
         node = next(n for n in convs if n.name == key)
         return {node.inputs[1].name: sparse_prune_layer(node, weights[key], r, None, None)[0]}
 
-    units = [(n.name, n.name, [n.inputs[1].name]) for n in convs]
+    return module, calib, convs, weights, prune, [(n.name, n.name, [n.inputs[1].name]) for n in convs]
+
+
+def test_sensitivity_equals_the_whole_model_run_with_the_layer_pruned():
+    """Each curve point, measured on the part of the model the layer influences from float tensors held at a
+    checkpoint that walks forward with the layers, is the relative output error onnxruntime gives for the
+    whole model with that layer alone pruned (the sample ResNet: residual Adds make skip tensors entries)."""
+    module, calib, convs, weights, prune, units = sample_conv_units(shapes=True)
     grid, curves = measured_curves(module.to_proto(), units, calib, prune, points=(0.5, 0.9))
     x = next(calib.batches(32))["input"]
     float_out = run_model(module.to_proto(), {"input": x})
@@ -441,16 +447,7 @@ def test_allocation_measures_only_the_points_it_can_use_and_allocates_as_on_full
     """Measuring each layer up to the first point above the ratio, and further only for layers the allocation
     pushes to their last measured point, gives exactly the allocation of fully measured curves, from fewer
     onnxruntime measurements."""
-    module = Module.from_proto(onnx.load(str(SAMPLE)))
-    calib = load_calibration(CALIB, input_specs(module))
-    convs = [n for n in module.graph.nodes if n.op == "Conv"][1:]
-    weights = {n.name: np.asarray(n.inputs[1].values, np.float32) for n in convs}
-
-    def prune(key, r):
-        node = next(n for n in convs if n.name == key)
-        return {node.inputs[1].name: sparse_prune_layer(node, weights[key], r, None, None)[0]}
-
-    units = [(n.name, n.name, [n.inputs[1].name]) for n in convs]
+    module, calib, convs, weights, prune, units = sample_conv_units()
     sizes = {n.name: weights[n.name].size for n in convs}
     grid, full = measured_curves(module.to_proto(), units, calib, prune)
     sensitivity = Sensitivity(module.to_proto(), units, calib, prune)
