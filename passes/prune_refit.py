@@ -136,28 +136,23 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Acti
         normal.add(x, t)
     if normal is None:
         return None
-    new_rows, new_bias = rows.copy(), bias.copy()
-    before = after = 0.0
     d = rows.shape[1]
     per_group = rows.shape[0] // groups
+    start = np.concatenate([rows, bias[:, None]], axis=1) if intercept else rows  # [outputs, d (+ 1)]
+    new = np.zeros_like(start)
+    before = after = 0.0
     for g in range(groups):
         xx, xt = normal.xx[g], normal.xt[g]
         lam = ridge * max(float(np.mean(np.diag(xx)[:d])), 1e-12)
-        solver = _MaskedRidge(xx, lam)
-        for r in range(per_group):
-            o = g * per_group + r
-            w0 = np.append(rows[o], bias[o]) if intercept else rows[o]
-            keep = np.flatnonzero(w0)
-            if intercept:
-                keep = np.union1d(keep, [d])
-            if keep.size == 0:
-                continue
-            w = solver.solve(xt[:, r] + lam * w0, keep)
-            before += float(w0 @ xx @ w0 - 2 * w0 @ xt[:, r])
-            after += float(w @ xx @ w - 2 * w @ xt[:, r])
-            new_rows[o] = w[:d]
-            if intercept:
-                new_bias[o] = w[d]
+        w0 = start[g * per_group:(g + 1) * per_group]
+        keep = w0 != 0
+        if intercept:
+            keep[:, d] = True  # the bias is always refit
+        w = _masked_ridge(xx + lam * np.eye(xx.shape[0]), xt.T + lam * w0, keep)
+        new[g * per_group:(g + 1) * per_group] = w
+        before += float(np.sum((w0 @ xx) * w0) - 2 * np.sum(w0 * xt.T))
+        after += float(np.sum((w @ xx) * w) - 2 * np.sum(w * xt.T))
+    new_rows, new_bias = (new[:, :d], new[:, d]) if intercept else (new, bias)
     tt = float(normal.tt.sum())
     variance = max(tt - float(np.sum(normal.ts**2)) / max(normal.count, 1), 1e-30)
     node.inputs[1] = gs.Constant(node.inputs[1].name + "_refit", rows_to_weight(node, new_rows, weight.shape)
@@ -168,31 +163,29 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Acti
             "residual": bool(partner)}
 
 
-class _MaskedRidge:
-    """argmin over w with zeros off `keep` of ½ wᵀ(XᵀX + λI)w − rhsᵀw, for many rows sharing XᵀX. A row keeping
-    few inputs is solved on them; one keeping most (a lightly pruned or channel-pruned layer) is solved from the
-    inverse of the whole matrix, formed once, and a solve on the inputs it drops (zeroing them with Lagrange
-    multipliers): the same minimum, at a fraction of the cost for wide layers."""
-
-    def __init__(self, xx: np.ndarray, lam: float):
-        self.matrix = xx + lam * np.eye(xx.shape[0])
-        self._inverse = None
-
-    def solve(self, rhs: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        n = rhs.size
-        w = np.zeros(n)
-        if n - keep.size > keep.size // 2:
-            w[keep] = np.linalg.solve(self.matrix[np.ix_(keep, keep)], rhs[keep])
-            return w
-        if self._inverse is None:
-            self._inverse = np.linalg.inv(self.matrix)
-        m = self._inverse
-        full = m @ rhs
-        drop = np.setdiff1d(np.arange(n), keep, assume_unique=True)
-        if drop.size:
-            full -= m[:, drop] @ np.linalg.solve(m[np.ix_(drop, drop)], full[drop])
-        w[keep] = full[keep]
-        return w
+def _masked_ridge(matrix: np.ndarray, rhs: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per row r, argmin over w with zeros where keep[r] is False of ½ wᵀ·matrix·w − rhs[r]ᵀw, for rows sharing
+    `matrix` (XᵀX + λI). A row keeping few inputs is solved on them; rows keeping most (a lightly pruned or
+    channel-pruned layer) are solved together through the inverse of the whole matrix, formed once, and a solve
+    on the inputs each drops (zeroing them with Lagrange multipliers): the same minimum, at a fraction of the
+    cost for wide layers."""
+    n = matrix.shape[0]
+    w = np.zeros_like(rhs)
+    kept = keep.sum(axis=1)
+    through_inverse = n - kept <= kept // 2
+    for r in np.flatnonzero(~through_inverse & (kept > 0)):
+        on = np.flatnonzero(keep[r])
+        w[r, on] = np.linalg.solve(matrix[np.ix_(on, on)], rhs[r, on])
+    rows = np.flatnonzero(through_inverse)
+    if rows.size:
+        inverse = np.linalg.inv(matrix)
+        full = rhs[rows] @ inverse  # the unconstrained minima (the matrix is symmetric)
+        for i, r in enumerate(rows):
+            drop = np.flatnonzero(~keep[r])
+            if drop.size:
+                full[i] -= inverse[:, drop] @ np.linalg.solve(inverse[np.ix_(drop, drop)], full[i, drop])
+            w[r] = np.where(keep[r], full[i], 0.0)
+    return w
 
 
 def refit_in_order(module, ctx, layers: list[gs.Node], dense, kept: dict[str, np.ndarray] | None = None) -> None:

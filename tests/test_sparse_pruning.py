@@ -21,7 +21,7 @@ from compiler.sparsity import skippable_zeros
 import passes.prune_sparse as prune_sparse
 from passes.prune import FEW_SAMPLES, allocate_sparsity, measured_allocation, step_ratios
 from passes.prune_common import LayerStats
-from passes.prune_refit import _MaskedRidge, refit_layer
+from passes.prune_refit import _masked_ridge, refit_layer
 from passes.prune_sensitivity import POINTS, Sensitivity, measured_curves
 from passes.prune_sparse import obs_prune, sparse_prune_layer
 from passes.second_order import inverse_hessian_factor
@@ -389,20 +389,24 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     assert np.all(np.isfinite(u)) and np.array_equal(u, np.triu(u))
 
 
-@pytest.mark.parametrize("kept", [0.3, 0.8, 1.0])
-def test_masked_ridge_solves_on_the_kept_inputs_by_either_route(kept):
-    """The refit's row solve gives the minimum over the kept inputs (zero elsewhere) whether it solves on them
-    (few kept) or goes through the whole inverse (most kept); a dead input does not disturb it."""
+def test_masked_ridge_solves_on_the_kept_inputs_by_either_route():
+    """The refit's row solve gives the minimum over each row's kept inputs (zero elsewhere) whether it solves
+    on them (few kept) or goes through the whole inverse (most kept, or all); a dead input and a row keeping
+    nothing do not disturb it."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3000, 400))
     x[:, 7] = 0.0
-    xx, rhs = x.T @ x, rng.standard_normal(400)
-    lam = 0.1 * np.mean(np.diag(xx))
-    keep = np.sort(rng.choice(400, int(kept * 400), replace=False))
-    w = _MaskedRidge(xx, lam).solve(rhs, keep)
-    direct = np.linalg.solve((xx + lam * np.eye(400))[np.ix_(keep, keep)], rhs[keep])
-    assert np.all(np.delete(w, keep) == 0)
-    assert np.allclose(w[keep], direct, rtol=1e-9, atol=1e-12)
+    xx = x.T @ x
+    matrix = xx + 0.1 * np.mean(np.diag(xx)) * np.eye(400)
+    rhs = rng.standard_normal((5, 400))
+    keep = np.zeros((5, 400), dtype=bool)
+    for r, share in enumerate([0.3, 0.6, 0.8, 1.0]):
+        keep[r, rng.choice(400, int(share * 400), replace=False)] = True
+    w = _masked_ridge(matrix, rhs, keep)
+    assert np.all(w[~keep] == 0) and np.all(w[4] == 0)
+    for r in range(4):
+        on = np.flatnonzero(keep[r])
+        assert np.allclose(w[r, on], np.linalg.solve(matrix[np.ix_(on, on)], rhs[r, on]), rtol=1e-9, atol=1e-12)
 
 
 def sample_conv_units(shapes: bool = False):
