@@ -214,7 +214,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
                 if v is None or s.blocked:
                     reason = s.blocked or f"'{node.name}' ({node.op}) splits channels in a way the analysis does not follow"
                     blocks.extend((i.name, reason) for i in node.inputs if i.name in space_of)
-                    v = [Piece(-1, 0, 0)]
+                    v = [Piece(-1, 0, channels_of(t) or 0)]  # blocked: every channel stays
                 s.view = v
                 for name in s.tensors:
                     view[name] = v

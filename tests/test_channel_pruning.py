@@ -165,6 +165,33 @@ def test_split_and_slice_follow_the_kept_channels(tmp_path, split_form):
     outputs_close(proto, out, feed(proto))
 
 
+def test_c2f_split_with_a_residual_half_keeps_its_sizes_whole(tmp_path):
+    """YOLOv8's C2f: conv → Split in halves → the second half goes through a bottleneck whose output is added
+    back to it → Concat(halves, bottleneck sum) → conv. The residual half is mixed with a producer's channels
+    (blocked), the first half and the rest of the graph still prune, and the Split's sizes stay consistent."""
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 8, 4, 1, (1,), inits)
+    weights("wm1", 4, 4, 3, (), inits)
+    weights("wm2", 4, 4, 3, (), inits)
+    weights("w2", 6, 12, 1, (2, 3), inits)
+    weights("w3", 3, 6, 1, (), inits)
+    inits.append(init("halves", np.array([4, 4], np.int64)))
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("cv1", "r0", "w1", "c1"), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Split", ["r1", "halves"], ["a", "b"], axis=1),
+             conv("m1", "b", "wm1", "m1o", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["m1o"], ["m1r"]),
+             conv("m2", "m1r", "wm2", "m2o", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["m2o"], ["m2r"]),
+             helper.make_node("Add", ["b", "m2r"], ["bo"]),
+             helper.make_node("Concat", ["a", "b", "bo"], ["cat"], axis=1),
+             conv("cv2", "cat", "w2", "c2"), helper.make_node("Relu", ["c2"], ["r2"]), conv("head", "r2", "w3", "y")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)], inits, opset=18)
+    out = pruned(tmp_path, proto, 0.05)
+    assert out_channels(out, "cv2") == 4
+    assert out_channels(out, "cv1") == 8  # its second half is mixed with m2's output: blocked
+    outputs_close(proto, out, feed(proto))
+
+
 def test_depthwise_block_and_se_gate_are_pruned_with_their_producer(tmp_path):
     """conv1 → relu → depthwise → relu → x·HardSigmoid(conv_e(relu(conv_r(GAP)))) → project conv."""
     dead = (1, 4)
