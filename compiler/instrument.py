@@ -79,7 +79,8 @@ class LosslessCheck(PassInstrumentation):
     """Holds every lossless pass to its promise: outputs equal the original model's within `rtol`.
 
     The error of an output is max|new - original| / max(max|original|, 1e-6) over the sample feed, where
-    "original" is the model as the last lossy pass (pruning, quantization) left it.
+    "original" is the model as the last lossy pass (pruning, quantization) or precision-changing pass
+    (its own `lossless_rtol`) left it.
     """
 
     def __init__(self, feed: dict[str, np.ndarray], rtol: float = 1e-4):
@@ -104,12 +105,15 @@ class LosslessCheck(PassInstrumentation):
             return
         got = run_model(module.to_proto(), self.feed)
         names = [t.name for t in module.graph.outputs]
+        rtol = getattr(p, "lossless_rtol", None) or self.rtol
         for name, want, have in zip(names, self.expected, got):
             err = relative_error(want, have)
             self.worst[p.name] = max(self.worst.get(p.name, 0.0), err)
-            if not err <= self.rtol:
+            if not err <= rtol:
                 raise PassError(f"lossless pass '{p.name}' changed output '{name}' by {err:.3g} relative "
-                                f"(limit {self.rtol:g})")
+                                f"(limit {rtol:g})")
+        if rtol != self.rtol:  # the pass changed the precision: later passes answer to its outputs
+            self.expected = got
 
 
 class ReferenceSnapshot(PassInstrumentation):

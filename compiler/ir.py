@@ -69,11 +69,7 @@ class Module:
     def from_proto(cls, proto: onnx.ModelProto, source: str = "<memory>", check: bool = False) -> "Module":
         """Wrap a ModelProto (not modified). With `check`, onnx's checker must accept it first."""
         if check:
-            try:
-                if proto.ByteSize() < PROTOBUF_LIMIT:
-                    onnx.checker.check_model(proto)
-            except Exception as exc:
-                raise ModelLoadError(f"{source}: rejected by onnx checker: {_first_line(exc)}") from None
+            proto = _checked(proto, source)
         if len(proto.graph.output) == 0:
             raise ModelLoadError(f"{source}: model has no outputs")
         proto = _name_negative_dims(proto)
@@ -282,6 +278,30 @@ def _check_external_data_paths(proto: onnx.ModelProto, path: Path) -> None:
                 f"{path}: external data of tensor '{tensor.name}' points outside the model's folder ({location})")
         if not target.exists():
             raise ModelLoadError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+
+
+def _checked(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """The model onnx's checker accepts: `proto` itself, or a copy with its nodes put in topological order
+    when that is all the checker objects to (some converters append nodes out of order)."""
+    if proto.ByteSize() >= PROTOBUF_LIMIT:
+        return proto
+    try:
+        onnx.checker.check_model(proto)
+        return proto
+    except Exception as exc:
+        error = exc
+    if "topologically sorted" in str(error):
+        try:
+            ordered = copy.deepcopy(proto)
+            graph = gs.import_onnx(ordered)
+            graph.toposort()
+            del ordered.graph.node[:]
+            ordered.graph.node.extend(gs.export_onnx(graph, do_type_check=False).graph.node)
+            onnx.checker.check_model(ordered)
+            return ordered
+        except Exception:
+            pass
+    raise ModelLoadError(f"{source}: rejected by onnx checker: {_first_line(error)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -50,11 +50,14 @@ class Pass:
     """Base of every pass. Subclasses set `name`, `OPTIONS`, `lossless`, and implement `run`.
 
     `lossless` passes promise outputs equal to the input model's up to float rounding; the pass manager's
-    numeric-check instrumentation holds them to it.
+    numeric-check instrumentation holds them to it. A lossless pass that changes the arithmetic precision
+    (half to single) sets `lossless_rtol` to the rounding it may show; later passes are then held to the
+    outputs it gives.
     """
 
     name: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
+    lossless_rtol: ClassVar[float | None] = None
     OPTIONS: ClassVar[dict[str, Option]] = {}
 
     def __init__(self, **options: Any):
