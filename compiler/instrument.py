@@ -117,10 +117,11 @@ class LosslessCheck(PassInstrumentation):
 
 
 class ReferenceSnapshot(PassInstrumentation):
-    """Keeps the model as it is after the leading lossless passes in `ctx.reference` (reference.onnx)."""
+    """Keeps the model as it is after the leading lossless (and float-source) passes in `ctx.reference`
+    (reference.onnx)."""
 
     def before_pass(self, p, module, ctx):
-        if ctx.reference is None and not p.lossless:
+        if ctx.reference is None and not p.lossless and not getattr(p, "makes_float_source", False):
             ctx.reference = module.to_proto()
 
     def after_pipeline(self, module, ctx):

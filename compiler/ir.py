@@ -282,7 +282,8 @@ def _check_external_data_paths(proto: onnx.ModelProto, path: Path) -> None:
 
 def _checked(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """The model onnx's checker accepts: `proto` itself, or a copy with its nodes put in topological order
-    when that is all the checker objects to (some converters append nodes out of order)."""
+    (some converters append nodes out of order) or marked IR 4 (weights not listed as inputs) when that is
+    all the checker objects to."""
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         return proto
     try:
@@ -290,6 +291,12 @@ def _checked(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
         return proto
     except Exception as exc:
         error = exc
+    if "in initializer but not in graph input" in str(error) and proto.ir_version < 4:
+        # IR 3 lists weights as graph inputs; some tools write IR-3 models that do not (onnxruntime's quantizer
+        # on an old model). IR 4, which needs no such list, describes the same model.
+        retyped = copy.deepcopy(proto)
+        retyped.ir_version = 4
+        return _checked(retyped, source)
     if "topologically sorted" in str(error):
         try:
             ordered = copy.deepcopy(proto)

@@ -58,6 +58,9 @@ class Pass:
     name: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
     lossless_rtol: ClassVar[float | None] = None
+    # A lossy pass that only turns the given model into the float model drpc compiles (strip-quantization):
+    # reference.onnx, what the package is checked against, is taken after it.
+    makes_float_source: ClassVar[bool] = False
     OPTIONS: ClassVar[dict[str, Option]] = {}
 
     def __init__(self, **options: Any):

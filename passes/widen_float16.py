@@ -7,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Pass, register_pass
+from compiler.rewrite import replace_uses
 
 HALF = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 FLOAT = onnx.TensorProto.FLOAT
@@ -46,7 +47,7 @@ class WidenFloat16(Pass):
                 if not _is_output_cast(node, outputs):
                     widened["casts"] += _widen_attributes(node)
         for tensor in list(graph.inputs):
-            if _is_half(tensor.dtype) and any(not _is_output_cast(n, outputs) for n in tensor.outputs):
+            if _is_half(tensor.dtype) and any(n.op != "Cast" for n in tensor.outputs):
                 _cast_after_input(graph, tensor)
                 widened["inputs"] += 1
         for tensor in list(graph.outputs):
@@ -61,8 +62,9 @@ class WidenFloat16(Pass):
         module.infer_shapes()
         if ctx is not None:
             ctx.log(**widened)
+            casts = widened["inputs"] + widened["outputs"]
             ctx.warn(f"half-precision model computed in float32 ({widened['weights']} weights widened; "
-                     f"{widened['inputs'] + widened['outputs']} half inputs and outputs keep their type through a Cast)")
+                     f"{casts} half inputs and outputs keep their type through a Cast)")
         return True
 
 
@@ -94,8 +96,7 @@ def _has_half_body(graph: gs.Graph) -> bool:
         for tensor in g.tensors().values():
             if _is_half(tensor.dtype) and id(tensor) not in interface:
                 return True
-            if id(tensor) in interface and _is_half(tensor.dtype) and any(
-                    not _is_output_cast(n, outputs) and n.op != "Cast" for n in tensor.outputs):
+            if id(tensor) in interface and _is_half(tensor.dtype) and any(n.op != "Cast" for n in tensor.outputs):
                 return True
         if any(_half_attribute(n) and not _is_output_cast(n, outputs) for n in g.nodes):
             return True
@@ -139,7 +140,7 @@ def _is_boundary(tensor: gs.Variable, g: gs.Graph) -> bool:
 
 def _cast_after_input(graph: gs.Graph, tensor: gs.Variable) -> None:
     wide = gs.Variable(f"{tensor.name}_float32", dtype=np.float32, shape=tensor.shape)
-    _redirect_consumers(tensor, wide)
+    replace_uses(tensor, wide)
     graph.nodes.insert(0, gs.Node("Cast", f"{tensor.name}_to_float32", {"to": FLOAT}, [tensor], [wide]))
 
 
@@ -149,13 +150,7 @@ def _cast_before_output(graph: gs.Graph, tensor: gs.Variable) -> None:
     wide = gs.Variable(f"{tensor.name}_float32", dtype=np.float32, shape=tensor.shape)
     producer = tensor.inputs[0]
     producer.outputs[producer.outputs.index(tensor)] = wide
-    _redirect_consumers(tensor, wide)
+    replace_uses(tensor, wide)
     half = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
     graph.nodes.append(gs.Node("Cast", f"{tensor.name}_to_half", {"to": half}, [wide], [tensor]))
 
-
-def _redirect_consumers(tensor: gs.Variable, replacement: gs.Variable) -> None:
-    for consumer in list(tensor.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is tensor:
-                consumer.inputs[i] = replacement

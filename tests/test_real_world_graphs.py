@@ -91,3 +91,21 @@ def test_fp16_names_the_tensors_past_its_range(tmp_path):
     assert len(warnings["raw"]) == 1 and "the largest '" in warnings["raw"][0], warnings["raw"]
     facts = next(r.facts for r in result.records if r.name == "convert-fp16")
     assert facts["beyond_fp16"] and f"'{facts['beyond_fp16'][0]}'" in warnings["raw"][0]
+
+
+def test_ir3_model_without_weights_as_inputs_compiles(tmp_path):
+    """onnxruntime's quantizer run on an IR-3 model (mnist_cntk) writes IR 3 without listing the weights as
+    graph inputs, which onnx's checker refuses: drpc reads it as the IR-4 model it is and compiles it."""
+    from graphs import conv_bn_model
+
+    m = conv_bn_model()
+    m.opset_import[0].version = 8
+    m.ir_version = 3
+    try:
+        onnx.checker.check_model(m)
+        raise AssertionError("the checker accepted an IR-3 model without weights as inputs")
+    except onnx.checker.ValidationError as exc:
+        assert "in initializer but not in graph input" in str(exc)
+    onnx.save(m, tmp_path / "ir3.onnx")
+    compile_model(tmp_path / "ir3.onnx", "rzv2h", tmp_path / "pkg")
+    assert simulate(tmp_path / "pkg").ok

@@ -1,0 +1,152 @@
+"""strip-quantization: turn a model some tool already quantized in QDQ form back into the float model it
+simulates, so drpc prunes it and quantizes it for the target itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from compiler.errors import UnsupportedModelError
+from compiler.passmanager import Pass, register_pass
+from compiler.rewrite import is_graph_output, replace_uses
+from passes.fold_constants import _evaluate
+
+QDQ = {"QuantizeLinear", "DequantizeLinear"}
+# Ops whose outputs are never negative: a range starting at 0 after them clips nothing below.
+NON_NEGATIVE = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp"}
+# Ops whose output is non-negative when their data input is (the others are indices, shapes, scales)...
+KEEPS_SIGN_OF_FIRST = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
+                       "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split", "Resize", "Upsample", "Identity",
+                       "DepthToSpace", "SpaceToDepth", "Gather"}
+# ... and when all their inputs are.
+KEEPS_SIGN_OF_ALL = {"Concat", "Max", "Min"}
+INTEGER_RANGE = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
+                 for t in (np.uint8, np.int8, np.uint16, np.int16)}
+
+
+@register_pass
+class StripQuantization(Pass):
+    """Replace DequantizeLinear of constant weights (integers, or floats through a QuantizeLinear) by the
+    float weights it gives, and each QuantizeLinear → DequantizeLinear pair on an activation by the
+    activation itself, through a Clip to the pair's range where that range starts at 0 (quantizers drop a
+    Relu or Relu6 that such a range applies: onnxruntime's does).
+
+    Guarantees: afterwards no QuantizeLinear or DequantizeLinear is left, and every weight holds exactly the
+    value the quantized model computed with; the model differs from the quantized one only by the rounding
+    and saturation of its activations, which drpc's calibration then chooses anew for the target. A model
+    quantized in operator form (QLinearConv, ConvInteger, MatMulInteger, ...), or with a Q/DQ node outside
+    such pairs, is refused with an error naming the node. A float model is untouched.
+    """
+
+    name = "strip-quantization"
+    makes_float_source = True
+
+    def run(self, module, ctx) -> bool:
+        graph = module.graph
+        if not any(n.op in QDQ or _operator_form(n) for n in graph.nodes):
+            return False
+        for node in graph.nodes:
+            if _operator_form(node):
+                raise UnsupportedModelError(
+                    f"node '{node.name}' ({node.op}): the model is quantized in operator form; drpc takes float or "
+                    "QDQ models: give it the float model")
+        weights = [n for n in graph.nodes if n.op == "DequantizeLinear" and _constant_chain(n)]
+        if weights:
+            chains = [node for dq in weights for node in _constant_chain(dq)]
+            values = _evaluate(chains, [n.outputs[0] for n in weights], module.opset_imports)
+            for node, value in zip(weights, values):
+                tensor = node.outputs[0]
+                node.outputs.clear()
+                tensor.to_constant(value)
+        pairs = clips = 0
+        for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.outputs]:
+            q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
+            if q is None or q.op != "QuantizeLinear":
+                raise UnsupportedModelError(f"node '{dq.name}' (DequantizeLinear) does not read a QuantizeLinear or "
+                                            "constant weights: drpc cannot tell which float model it quantizes")
+            quantized, source = dq.outputs[0], q.inputs[0]
+            dq.outputs.clear()
+            top = _range_from_zero(q)
+            if top is not None and not _non_negative(source):
+                clipped = gs.Variable(f"{quantized.name}_clipped", dtype=source.dtype, shape=source.shape)
+                bounds = [gs.Constant(f"{q.name}_range_{end}", np.asarray(v, dtype=source.dtype or np.float32))
+                          for end, v in (("min", 0.0), ("max", top))]
+                graph.nodes.append(gs.Node("Clip", f"{q.name}_range", inputs=[source, *bounds], outputs=[clipped]))
+                source = clipped
+                clips += 1
+            replace_uses(quantized, source)
+            if is_graph_output(graph, quantized):  # the output keeps its name
+                graph.nodes.append(gs.Node("Identity", f"{quantized.name}_float", inputs=[source], outputs=[quantized]))
+            pairs += 1
+        graph.cleanup(remove_unused_graph_inputs=False)
+        for node in graph.nodes:
+            if node.op in QDQ:
+                raise UnsupportedModelError(f"node '{node.name}' ({node.op}) is not part of a QuantizeLinear → "
+                                            "DequantizeLinear pair: drpc cannot tell which float model it quantizes")
+        if ctx is not None:
+            ctx.log(dequantized_weights=len(weights), activation_pairs=pairs, clips_restored=clips)
+            ctx.warn(f"the model was already quantized ({len(weights)} weights, {pairs} activation Q/DQ pairs): drpc "
+                     "computes its float weights and quantizes them again for the target, calibrating on the "
+                     "calibration data")
+        return True
+
+
+def _constant_chain(dq: gs.Node) -> list[gs.Node]:
+    """The nodes computing DequantizeLinear `dq`'s weight from constants: [dq] for integer weights, [q, dq]
+    for float weights quantized in the graph (NNCF's form); [] when it reads an activation."""
+    if _all_constant(dq.inputs):
+        return [dq]
+    source = dq.inputs[0]
+    q = source.inputs[0] if isinstance(source, gs.Variable) and source.inputs else None
+    if q is not None and q.op == "QuantizeLinear" and _all_constant(q.inputs) and _all_constant(dq.inputs[1:]):
+        return [q, dq]
+    return []
+
+
+def _all_constant(tensors) -> bool:
+    return all(isinstance(t, gs.Constant) or t.name == "" for t in tensors)
+
+
+def _operator_form(node: gs.Node) -> bool:
+    return node.op.startswith("QLinear") or node.op.endswith("Integer") or node.op == "DynamicQuantizeLinear"
+
+
+def _range_from_zero(q: gs.Node) -> float | None:
+    """The top of QuantizeLinear `q`'s float range when that range starts at exactly 0 (its zero point is the
+    lowest integer of its type), else None (also for per-channel or computed parameters). A top within one
+    step of a whole number is that number: the bound of the Relu6 (Clip 0..6) the range stands for."""
+    scale = q.inputs[1]
+    zero_point = q.inputs[2] if len(q.inputs) > 2 and q.inputs[2].name else None
+    if not isinstance(scale, gs.Constant) or np.size(scale.values) != 1:
+        return None
+    if zero_point is None:  # zero point 0 of the output type: uint8 unless `output_dtype` says otherwise
+        kind = onnx.helper.tensor_dtype_to_np_dtype(q.attrs.get("output_dtype", onnx.TensorProto.UINT8) or 2)
+        zp = np.zeros((), dtype=kind)
+    elif isinstance(zero_point, gs.Constant) and np.size(zero_point.values) == 1:
+        zp = np.asarray(zero_point.values).reshape(())
+    else:
+        return None
+    if zp.dtype not in INTEGER_RANGE or zp != INTEGER_RANGE[zp.dtype][0]:
+        return None
+    step = float(np.asarray(scale.values).reshape(()))
+    top = (INTEGER_RANGE[zp.dtype][1] - int(zp)) * step
+    return float(round(top)) if abs(top - round(top)) <= step and round(top) > 0 else top  # Relu6's 6
+
+
+def _non_negative(tensor: gs.Tensor, depth: int = 8) -> bool:
+    """Whether `tensor` can never be negative, by the ops that make it (a Relu, or a pool of one)."""
+    node = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+    if node is None or depth == 0:
+        return False
+    if node.op in NON_NEGATIVE:
+        return True
+    if node.op == "Clip" and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        return bool(np.all(np.asarray(node.inputs[1].values) >= 0))
+    if node.op == "Pad" and len(node.inputs) > 2 and node.inputs[2].name:
+        value = node.inputs[2]
+        if not isinstance(value, gs.Constant) or np.any(np.asarray(value.values) < 0):
+            return False
+    if node.op in KEEPS_SIGN_OF_FIRST or node.op == "Pad":
+        return _non_negative(node.inputs[0], depth - 1)
+    return node.op in KEEPS_SIGN_OF_ALL and all(_non_negative(t, depth - 1) for t in node.inputs if t.name)

@@ -1,0 +1,147 @@
+"""Models a tool already quantized: onnxruntime's quantize_static output of the shipped sample. QDQ models
+are turned back into their float model (strip-quantization) and compile like the float original; operator
+form is refused with a line naming the node."""
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx.reference import ReferenceEvaluator
+from onnxruntime.quantization import QuantFormat, quantize_static
+
+from compiler.cli import main
+from compiler.instrument import relative_error
+from compiler.ir import Module
+from compiler.runtime import run_model
+from passes.strip_quantization import StripQuantization
+from test_bad_input import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "models" / "mnist_resnet.onnx"
+CALIB = ROOT / "models" / "mnist_calib.npz"
+
+
+class CalibReader:
+    """The first `count` shipped calibration samples, one at a time, for onnxruntime's quantizer."""
+
+    def __init__(self, count: int):
+        with np.load(CALIB) as z:
+            x = next(iter(z.values()))[:count]
+        self.rows = iter({"input": x[i:i + 1]} for i in range(len(x)))
+
+    def get_next(self):
+        return next(self.rows, None)
+
+
+@pytest.fixture(scope="module")
+def qdq_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qdq") / "qdq.onnx"
+    quantize_static(str(SAMPLE), str(path), CalibReader(64), quant_format=QuantFormat.QDQ)
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_data():
+    with np.load(ROOT / "models" / "mnist_test.npz") as z:
+        return z["input"][:500], z["labels"][:500]
+
+
+def ops(proto: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(n.op_type for n in proto.graph.node)
+
+
+def test_strip_quantization_gives_back_the_float_model(qdq_model, test_data):
+    """No Q/DQ is left; each weight is exactly what its DequantizeLinear computed; the Relus onnxruntime's
+    quantizer folded into unsigned ranges come back as Clips to those ranges, one per range that starts at 0
+    after a tensor that can be negative (the sample's 9, none more); the float model answers like the
+    original float model up to the int8 rounding of its weights, and like the QDQ model up to the rounding
+    of its activations."""
+    x, labels = test_data
+    quantized = onnx.load(str(qdq_model))
+    assert ops(quantized)["Relu"] == 0 and ops(quantized)["DequantizeLinear"] > 20
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    dequantized = {n.output[0]: ReferenceEvaluator(n).run(None, {name: inits[name] for name in n.input if name})[0]
+                   for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+    module = Module.load(qdq_model)
+    assert StripQuantization().run(module, None) is True
+    stripped = module.to_proto(infer_shapes=True)
+    onnx.checker.check_model(stripped, full_check=True)
+    counts = ops(stripped)
+    assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 0
+    assert counts["Relu"] == 0 and counts["Clip"] == ops(onnx.load(str(SAMPLE)))["Relu"] == 9
+    clip_min = {t.name: onnx.numpy_helper.to_array(t) for t in stripped.graph.initializer if t.name.endswith("_min")}
+    assert clip_min and all(v == 0 for v in clip_min.values())
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in stripped.graph.initializer}
+    assert dequantized and all(np.array_equal(weights[name], value) for name, value in dequantized.items())
+
+    float_out = run_model(onnx.load(str(SAMPLE)), {"input": x})[0]
+    stripped_out = run_model(stripped, {"input": x})[0]
+    qdq_out = run_model(quantized, {"input": x})[0]
+    assert relative_error(float_out, stripped_out) < relative_error(float_out, qdq_out)
+    assert np.mean(stripped_out.argmax(1) == float_out.argmax(1)) >= 0.99
+    assert StripQuantization().run(module, None) is False  # a float model is untouched
+
+
+def test_readme_command_compiles_a_qdq_model_like_its_float_original(qdq_model, test_data, tmp_path, capsys):
+    """`drpc compile` with --prune 0.7 on the QDQ model: it warns that it quantizes anew, counts the float
+    model's MACs and parameters, the package simulates OK against the float model, and it answers like the
+    package compiled from the float original."""
+    x, labels = test_data
+    packages = {name: tmp_path / name for name in ("float", "qdq")}
+    for name, source in (("float", SAMPLE), ("qdq", qdq_model)):
+        assert main(["compile", str(source), "--target", "rzv2h", "--prune", "0.7", "--calib", str(CALIB),
+                     "--out", str(packages[name])]) == 0
+    captured = capsys.readouterr()
+    assert "the model was already quantized" in " ".join(captured.err.split())
+    assert "MACs 5,791,744 →" in captured.out.split("package:")[1]  # the second compile's summary
+    assert main(["simulate", str(packages["qdq"])]) == 0
+    assert "package OK" in capsys.readouterr().out
+    reference = onnx.load(str(packages["qdq"] / "reference.onnx"))
+    assert ops(reference)["DequantizeLinear"] == 0
+    answers = {name: run_model(onnx.load(str(pkg / "model.onnx")), {"input": x})[0].argmax(1)
+               for name, pkg in packages.items()}
+    assert np.mean(answers["qdq"] == answers["float"]) >= 0.97
+    assert np.mean(answers["qdq"] == labels) >= np.mean(answers["float"] == labels) - 0.01
+
+
+def test_model_quantized_in_operator_form_names_the_node(tmp_path, capsys):
+    """The sample in operator form (QLinearConv): drpc takes float or QDQ models and says so in one line."""
+    quantized = tmp_path / "quantized.onnx"
+    quantize_static(str(SAMPLE), str(quantized), CalibReader(8), quant_format=QuantFormat.QOperator)
+    run_cli(capsys, ["compile", str(quantized), "--calib", str(CALIB), "--out", str(tmp_path / "pkg")],
+            tmp_path / "pkg", 1, "strip-quantization", "(QLinearConv): the model is quantized in operator form",
+            watch=quantized)
+
+
+def test_float_weights_quantized_in_the_graph_become_their_rounded_values():
+    """NNCF's form: float weights through QuantizeLinear → DequantizeLinear (int8, per channel). Each becomes
+    the constant the pair computes (the rounded weight, as onnx's reference evaluator gives it)."""
+    proto = onnx.load(str(SAMPLE))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    expected, raw = {}, {}
+    for node in [n for n in proto.graph.node if n.op_type == "Conv"]:
+        w = inits[node.input[1]]
+        scale = (np.abs(w).reshape(len(w), -1).max(1) / 127).astype(np.float32)
+        names = [f"{node.name}_{k}" for k in ("scale", "zp", "q", "dq")]
+        params = [onnx.numpy_helper.from_array(scale, names[0]),
+                  onnx.numpy_helper.from_array(np.zeros(len(w), np.int8), names[1])]
+        pair = [onnx.helper.make_node("QuantizeLinear", [node.input[1], names[0], names[1]], [names[2]], axis=0),
+                onnx.helper.make_node("DequantizeLinear", [names[2], names[0], names[1]], [names[3]], axis=0)]
+        alone = onnx.helper.make_model(onnx.helper.make_graph(
+            pair, "pair", [], [onnx.helper.make_tensor_value_info(names[3], onnx.TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(w, node.input[1]), *params]),
+            opset_imports=[onnx.helper.make_opsetid("", 21)])  # onnx's evaluator has DequantizeLinear from 19
+        expected[names[3]], raw[names[3]] = ReferenceEvaluator(alone).run(None, {})[0], w
+        proto.graph.initializer.extend(params)
+        proto.graph.node.extend(pair)  # after their reader: the loader sorts them
+        node.input[1] = names[3]
+    module = Module.from_proto(proto, check=True)
+    assert StripQuantization().run(module, None) is True
+    stripped = module.to_proto()
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in stripped.graph.initializer}
+    assert ops(stripped)["QuantizeLinear"] == ops(stripped)["DequantizeLinear"] == 0 and ops(stripped)["Clip"] == 0
+    assert len(expected) == 8 and all(np.array_equal(weights[k], v) for k, v in expected.items())
+    assert all(not np.array_equal(expected[k], raw[k]) for k in expected)  # the weights were rounded
