@@ -1,11 +1,13 @@
-"""The same model in the forms users have it: float32, an fp16 export, and an int8 QDQ model from
-onnxruntime's quantize_static. Does drpc's package from each answer like the one from the float32 original?
+"""The same model in the forms users have it: float32, an fp16 export, and int8 QDQ models from
+onnxruntime's quantize_static and from NNCF. Does drpc's package from each answer like the one from the
+float32 original?
 
 Each corpus task's model is converted with onnxruntime's float16 converter (weights, activations and
-interface in fp16) and quantized as bench/ptq.py does it with quantize_static (QDQ, per-channel, on the
-calibration split); all three files go through the same `drpc compile --target rzv2h` (with `--prune` when
-given) on the same calibration split. Printed: accuracy on the evaluation split (for tasks without labels, agreement with float32) of each
-form as given and of drpc's package from it, and how often each package agrees with the float32 one's.
+interface in fp16) and quantized as bench/ptq.py does it, with quantize_static (QDQ, per-channel) and with
+NNCF (preset MIXED), on the calibration split. All four files go through the same `drpc compile --target
+rzv2h` (with `--prune` when given) on the same calibration split. Printed: accuracy on the evaluation split
+(for tasks without labels, agreement with float32) of each form as given and of drpc's package from it, and
+how often each package agrees with the one from float32.
 
     python bench/input_forms.py                          # every task of bench/datasets.py
     python bench/input_forms.py --prune 0.5 --tasks ppocr_mobile_v2_cls
@@ -27,16 +29,18 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
-from ptq import quantize_ort  # noqa: E402
+from ptq import quantize_nncf, quantize_ort  # noqa: E402
 
 
 def forms(task, folder: Path, calib: Path) -> dict[str, Path]:
-    """{'float32': the model, 'fp16': its fp16 export, 'ort QDQ': onnxruntime's int8 model as bench/ptq.py makes
-    it (quant_pre_process, then quantize_static: QDQ, per-channel)}."""
-    half, qdq = folder / "fp16.onnx", folder / "qdq.onnx"
-    onnx.save(convert_float_to_float16(onnx.load(str(task.model))), str(half))
-    quantize_ort(task, calib, qdq)
-    return {"float32": task.model, "fp16": half, "ort QDQ": qdq}
+    """{'float32': the model, 'fp16': its fp16 export, 'ort QDQ' and 'nncf QDQ': the int8 models onnxruntime and
+    NNCF make of it as bench/ptq.py runs them}."""
+    paths = {"float32": task.model, "fp16": folder / "fp16.onnx", "ort QDQ": folder / "ort.onnx",
+             "nncf QDQ": folder / "nncf.onnx"}
+    onnx.save(convert_float_to_float16(onnx.load(str(task.model))), str(paths["fp16"]))
+    quantize_ort(task, calib, paths["ort QDQ"])
+    quantize_nncf(task, calib, paths["nncf QDQ"])
+    return paths
 
 
 def answers(model: Path, task) -> np.ndarray:

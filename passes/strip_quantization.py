@@ -59,22 +59,18 @@ class StripQuantization(Pass):
                 tensor = node.outputs[0]
                 node.outputs.clear()
                 tensor.to_constant(value)
-        pairs = clips = 0
+        pairs, clips, float_of = 0, 0, {}  # QuantizeLinear → the float tensor its pairs stand for
         for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.outputs]:
             q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
             if q is None or q.op != "QuantizeLinear":
                 raise UnsupportedModelError(f"node '{dq.name}' (DequantizeLinear) does not read a QuantizeLinear or "
                                             "constant weights: drpc cannot tell which float model it quantizes")
-            quantized, source = dq.outputs[0], q.inputs[0]
+            quantized = dq.outputs[0]
             dq.outputs.clear()
-            top = _range_from_zero(q)
-            if top is not None and not _non_negative(source):
-                clipped = gs.Variable(f"{quantized.name}_clipped", dtype=source.dtype, shape=source.shape)
-                bounds = [gs.Constant(f"{q.name}_range_{end}", np.asarray(v, dtype=source.dtype or np.float32))
-                          for end, v in (("min", 0.0), ("max", top))]
-                graph.nodes.append(gs.Node("Clip", f"{q.name}_range", inputs=[source, *bounds], outputs=[clipped]))
-                source = clipped
-                clips += 1
+            if id(q) not in float_of:
+                float_of[id(q)] = _float_of(graph, q)
+                clips += float_of[id(q)] is not q.inputs[0]
+            source = float_of[id(q)]
             replace_uses(quantized, source)
             if is_graph_output(graph, quantized):  # the output keeps its name
                 graph.nodes.append(gs.Node("Identity", f"{quantized.name}_float", inputs=[source], outputs=[quantized]))
@@ -90,6 +86,20 @@ class StripQuantization(Pass):
                      "computes its float weights and quantizes them again for the target, calibrating on the "
                      "calibration data")
         return True
+
+
+def _float_of(graph: gs.Graph, q: gs.Node) -> gs.Tensor:
+    """The float tensor QuantizeLinear `q`'s pairs stand for: its input, through a new Clip to its range
+    when that range starts at 0 and the input can be negative."""
+    source = q.inputs[0]
+    top = _range_from_zero(q)
+    if top is None or _non_negative(source):
+        return source
+    clipped = gs.Variable(f"{q.name}_clipped", dtype=source.dtype, shape=source.shape)
+    bounds = [gs.Constant(f"{q.name}_range_{end}", np.asarray(v, dtype=source.dtype or np.float32))
+              for end, v in (("min", 0.0), ("max", top))]
+    graph.nodes.append(gs.Node("Clip", f"{q.name}_range", inputs=[source, *bounds], outputs=[clipped]))
+    return clipped
 
 
 def _constant_chain(dq: gs.Node) -> list[gs.Node]:

@@ -39,6 +39,14 @@ class _Scale(Pass):
         return True
 
 
+@register_pass
+class _Round(_Scale):
+    """Test pass that changes the arithmetic precision a little and declares the rounding it may show."""
+
+    name = "test-round-weights"
+    lossless_rtol = 1e-2
+
+
 @pytest.mark.parametrize("text", [
     "fold-constants",
     "fold-constants{max_bytes=100},fuse-conv-bn",
@@ -109,6 +117,19 @@ def test_lossless_check_catches_a_pass_that_changes_outputs():
     pm.instrument(LosslessCheck({"x": rand(1, 3, 16, 16)}))
     with pytest.raises(PassError, match="lossless pass 'test-scale-weights' changed output 'y'"):
         pm.run(module, CompileContext())
+
+
+def test_a_precision_changing_pass_is_held_to_its_own_tolerance_and_later_passes_to_its_outputs():
+    """test-round-weights changes outputs by about 1e-3: within its lossless_rtol, beyond the default 1e-4.
+    fuse-conv-bn after it is compared with the rounded model's outputs, so it passes at float rounding; a
+    second rounding past its tolerance fails."""
+    check = LosslessCheck({"x": rand(1, 3, 16, 16)})
+    parse_pipeline("test-round-weights{factor=1.001},fuse-conv-bn").instrument(check).run(
+        Module.from_proto(conv_bn_model()), CompileContext())
+    assert 1e-4 < check.worst["test-round-weights"] < 1e-2 and check.worst["fuse-conv-bn"] < 1e-5
+    pm = parse_pipeline("test-round-weights{factor=1.1}").instrument(LosslessCheck({"x": rand(1, 3, 16, 16)}))
+    with pytest.raises(PassError, match="changed output 'y' by .* \\(limit 0.01\\)"):
+        pm.run(Module.from_proto(conv_bn_model()), CompileContext())
 
 
 def test_lossless_check_passes_real_lossless_passes():

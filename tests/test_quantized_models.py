@@ -145,3 +145,33 @@ def test_float_weights_quantized_in_the_graph_become_their_rounded_values():
     assert ops(stripped)["QuantizeLinear"] == ops(stripped)["DequantizeLinear"] == 0 and ops(stripped)["Clip"] == 0
     assert len(expected) == 8 and all(np.array_equal(weights[k], v) for k, v in expected.items())
     assert all(not np.array_equal(expected[k], raw[k]) for k in expected)  # the weights were rounded
+
+
+def test_a_quantized_tensor_read_through_several_dequantizers_gets_one_clip():
+    """One QuantizeLinear (range starting at 0) read by two DequantizeLinear nodes, one per consumer: both
+    consumers read one Clip of the float tensor, and the model equals the float one where nothing saturates."""
+    from onnx import TensorProto, helper
+
+    from graphs import init, model, rand
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["q"], name="quant"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["d1"], name="dq1"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["d2"], name="dq2"),
+             helper.make_node("Sigmoid", ["d1"], ["a"], name="sig"),
+             helper.make_node("Tanh", ["d2"], ["b"], name="tanh"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    w, x = rand(4, 3, 1, 1), rand(1, 3, 8, 8)
+    built = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                  [init("w", w), init("s", np.float32(1.0)), init("zp", np.uint8(0))])
+    module = Module.from_proto(built)
+    assert StripQuantization().run(module, None) is True
+    stripped = module.to_proto()
+    assert ops(stripped) == {"Conv": 1, "Clip": 1, "Sigmoid": 1, "Tanh": 1, "Add": 1}
+    conv = np.einsum("oi,bihw->bohw", w[:, :, 0, 0], x)
+    assert conv.min() < 0 < conv.max() < 255  # the Clip acts at 0 only: it is the Relu a quantizer removed
+    relu = helper.make_graph([nodes[0], helper.make_node("Relu", ["c"], ["r"]),
+                              helper.make_node("Sigmoid", ["r"], ["a"]), helper.make_node("Tanh", ["r"], ["b"]),
+                              nodes[-1]], "relu", built.graph.input, built.graph.output, built.graph.initializer)
+    assert relative_error(run_model(helper.make_model(relu, opset_imports=built.opset_import), {"x": x})[0],
+                          run_model(stripped, {"x": x})[0]) < 1e-6
