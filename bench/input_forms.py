@@ -45,7 +45,8 @@ def forms(task, folder: Path, calib: Path) -> dict[str, Path]:
 
 def answers(model: Path, task) -> np.ndarray:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    kind = session.get_inputs()[0].type
+    dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(kind, task.eval_x.dtype)
     return datasets.run_task(session, task, task.eval_x.astype(dtype)).astype(np.float32).reshape(len(task.eval_x), -1)
 
 

@@ -27,10 +27,12 @@ INTEGER_RANGE = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
 
 @register_pass
 class StripQuantization(Pass):
-    """Replace DequantizeLinear of constant weights (integers, or floats through a QuantizeLinear) by the
-    float weights it gives, and each QuantizeLinear → DequantizeLinear pair on an activation by the
-    activation itself, through a Clip to the pair's range where that range starts at 0 (quantizers drop a
-    Relu or Relu6 that such a range applies: onnxruntime's does).
+    """Turn a model quantized in QDQ form back into the float model it simulates.
+
+    DequantizeLinear of constant weights (integers, or floats through a QuantizeLinear) becomes the float
+    weights it gives; each QuantizeLinear → DequantizeLinear pair on an activation becomes the activation
+    itself, through a Clip to the pair's range where that range starts at 0 (quantizers drop a Relu or Relu6
+    that such a range applies: onnxruntime's does).
 
     Guarantees: afterwards no QuantizeLinear or DequantizeLinear is left, and every weight holds exactly the
     value the quantized model computed with; the model differs from the quantized one only by the rounding
@@ -52,9 +54,17 @@ class StripQuantization(Pass):
                     f"node '{node.name}' ({node.op}): the model is quantized in operator form; drpc takes float or "
                     "QDQ models: give it the float model")
         weights = [n for n in graph.nodes if n.op == "DequantizeLinear" and _constant_chain(n)]
+        repaired = [n.name for n in weights if _repair_axis(n)]
+        if repaired and ctx is not None:
+            ctx.warn(f"{len(repaired)} DequantizeLinear nodes name an axis their per-channel scales do not fit "
+                     f"('{repaired[0]}'): read along the one axis of that length")
         if weights:
             chains = [node for dq in weights for node in _constant_chain(dq)]
-            values = _evaluate(chains, [n.outputs[0] for n in weights], module.opset_imports)
+            try:
+                values = _evaluate(chains, [n.outputs[0] for n in weights], module.opset_imports)
+            except Exception as exc:  # onnxruntime's kernels name the node they refuse
+                first = str(exc).strip().splitlines()[0][-300:] if str(exc).strip() else type(exc).__name__
+                raise UnsupportedModelError(f"cannot compute the quantized weights: {first}") from None
             for node, value in zip(weights, values):
                 tensor = node.outputs[0]
                 node.outputs.clear()
@@ -112,6 +122,23 @@ def _constant_chain(dq: gs.Node) -> list[gs.Node]:
     if q is not None and q.op == "QuantizeLinear" and _all_constant(q.inputs) and _all_constant(dq.inputs[1:]):
         return [q, dq]
     return []
+
+
+def _repair_axis(dq: gs.Node) -> bool:
+    """Point a weight DequantizeLinear's `axis` at the one axis its per-channel scale fits, when the axis it
+    names does not fit (onnxruntime's quantizer writes axis 0 for a [1, C] bias with C scales); True if
+    changed."""
+    weight, scale = dq.inputs[0], dq.inputs[1]
+    length = np.size(scale.values) if isinstance(scale, gs.Constant) and np.ndim(scale.values) == 1 else 1
+    shape = list(np.shape(weight.values)) if isinstance(weight, gs.Constant) else []
+    axis = int(dq.attrs.get("axis", 1))
+    if length == 1 or not shape or (-len(shape) <= axis < len(shape) and shape[axis] == length):
+        return False
+    fits = [k for k, size in enumerate(shape) if size == length]
+    if len(fits) != 1:
+        return False
+    dq.attrs["axis"] = fits[0]
+    return True
 
 
 def _all_constant(tensors) -> bool:

@@ -112,3 +112,24 @@ def test_readme_command_compiles_a_float16_model_like_its_float32_original(half_
                "fp16": run_model(model, {"input": x.astype(np.float16)})[0].argmax(1)}
     assert np.mean(answers["fp16"] == answers["fp32"]) >= 0.97
     assert np.mean(answers["fp16"] == labels) >= np.mean(answers["fp32"] == labels) - 0.02
+
+
+def test_bfloat16_weights_behind_casts_become_float32_weights(test_data):
+    """Weights stored in bfloat16 and cast to float32 in the graph (a bf16 checkpoint's export): the weights
+    become the float32 values of the bf16 ones, and the outputs stay exactly what onnxruntime gives."""
+    x, _ = test_data
+    proto = onnx.load(str(SAMPLE))
+    weights = [t for t in proto.graph.initializer if t.name.endswith("weight")]
+    for t in weights:
+        values = onnx.numpy_helper.to_array(t)
+        proto.graph.initializer.append(onnx.helper.make_tensor(f"{t.name}_bf16", onnx.TensorProto.BFLOAT16,
+                                                               values.shape, values.flatten().tolist()))
+        proto.graph.node.insert(0, onnx.helper.make_node("Cast", [f"{t.name}_bf16"], [t.name],
+                                                         to=onnx.TensorProto.FLOAT, name=f"{t.name}_cast"))
+        proto.graph.initializer.remove(t)
+    module = Module.from_proto(proto, check=True)
+    assert WidenFloat16().run(module, None) is True
+    widened = module.to_proto()
+    assert {t.data_type for t in widened.graph.initializer} == {onnx.TensorProto.FLOAT}
+    assert np.array_equal(run_model(proto, {"input": x})[0], run_model(widened, {"input": x})[0])
+    assert len(weights) == 18

@@ -175,3 +175,26 @@ def test_a_quantized_tensor_read_through_several_dequantizers_gets_one_clip():
                               nodes[-1]], "relu", built.graph.input, built.graph.output, built.graph.initializer)
     assert relative_error(run_model(helper.make_model(relu, opset_imports=built.opset_import), {"x": x})[0],
                           run_model(stripped, {"x": x})[0]) < 1e-6
+
+
+def test_a_bias_scale_read_along_the_wrong_axis_is_read_along_the_axis_it_fits():
+    """onnxruntime's quantizer gives a [1, C] bias C scales but axis 0 (magika's Dense layers): onnxruntime
+    cannot evaluate that node alone. strip-quantization reads the scales along the one axis of length C,
+    which gives the bias the quantized model computes with: x[:, c] · scale[c]."""
+    from onnx import TensorProto, helper
+
+    from graphs import init, rand
+
+    bias, scale = np.arange(-3, 3, dtype=np.int32).reshape(1, 6), np.linspace(0.5, 1.0, 6).astype(np.float32)
+    nodes = [helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["b"], name="bias_dq", axis=0),
+             helper.make_node("MatMul", ["x", "w"], ["m"], name="matmul"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="add")]
+    built = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        [init("bq", bias), init("bs", scale), init("bz", np.zeros(6, np.int32)), init("w", rand(4, 6))]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    module = Module.from_proto(built)
+    assert StripQuantization().run(module, None) is True
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in module.to_proto().graph.initializer}
+    assert np.array_equal(weights["b"], bias * scale)
