@@ -10,6 +10,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from compiler.activations import stream_activations
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Pass, register_pass
+from compiler.rewrite import bypass
 from compiler.runtime import make_session
 
 FP16_MAX = 65504.0
@@ -25,7 +26,8 @@ class ConvertFp16(Pass):
     """Convert float32 weights and activations to float16; graph inputs and outputs stay float32.
 
     Uses onnxruntime's float16 converter (Cast nodes at the borders of float32 islands). Guarantees: the
-    model's interface is unchanged; ops listed in KEEP_FLOAT, custom-domain ops, nodes named in
+    model's interface is unchanged (a half-precision model's fp16 inputs and outputs reach the fp16 body
+    without a Cast there and back); ops listed in KEEP_FLOAT, custom-domain ops, nodes named in
     ctx.options["exclude"] and nodes whose outputs If/Loop bodies read from the outer scope stay float32.
     A float tensor that reaches past fp16's range (65504) on the calibration data is named in a warning:
     the device overflows there, while onnxruntime's CPU kernels, which run many fp16 ops in float32, can hide
@@ -58,10 +60,30 @@ class ConvertFp16(Pass):
             where = f" (subgraph nodes: {', '.join(sorted(hidden))[:120]})" if hidden else ""
             raise UnsupportedModelError(f"fp16 conversion gives a model onnxruntime refuses{where}: {first}") from None
         module.graph = gs.import_onnx(converted)
+        round_trips = _drop_round_trip_casts(module.graph)
         if ctx is not None:
-            ctx.log(kept_float_ops=sorted({n.op for n in graph.nodes if n.op in KEEP_FLOAT}), kept_float_nodes=block_nodes,
+            ctx.log(round_trip_casts_dropped=round_trips, kept_float_ops=sorted({n.op for n in graph.nodes if n.op in KEEP_FLOAT}), kept_float_nodes=block_nodes,
                     beyond_fp16=sorted(overflow, key=overflow.get, reverse=True)[:20])
         return True
+
+
+def _drop_round_trip_casts(graph: gs.Graph) -> int:
+    """Bypass each Cast to fp16 of a value that is fp16 already, directly or through a Cast to float32 (exact:
+    every fp16 value is a float32 value), such as a half-precision model's widened interface after the
+    converter; returns how many."""
+    def half(tensor) -> bool:
+        return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float16
+
+    dropped = 0
+    for cast in [n for n in graph.nodes if n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.FLOAT16]:
+        source = cast.inputs[0]
+        inner = source.inputs[0] if source.inputs else None
+        if not half(source) and inner is not None and inner.op == "Cast" and inner.attrs.get("to") == onnx.TensorProto.FLOAT:
+            source = inner.inputs[0]
+        if half(source):
+            dropped += bypass(graph, cast, source, cast.outputs[0])
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return dropped
 
 
 def _beyond_fp16(proto: onnx.ModelProto, calib) -> dict[str, float]:

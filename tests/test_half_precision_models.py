@@ -133,3 +133,20 @@ def test_bfloat16_weights_behind_casts_become_float32_weights(test_data):
     assert {t.data_type for t in widened.graph.initializer} == {onnx.TensorProto.FLOAT}
     assert np.array_equal(run_model(proto, {"input": x})[0], run_model(widened, {"input": x})[0])
     assert len(weights) == 18
+
+
+def test_a_float16_model_for_an_fp16_target_keeps_no_cast(half_models, test_data, tmp_path, capsys):
+    """rzv2l runs fp16: the all-fp16 sample's package has no Cast left (the widened interface and the fp16
+    conversion meet and cancel), every layer is on DRP-AI, and it answers like the model itself."""
+    x, _ = test_data
+    out = tmp_path / "rzv2l"
+    assert main(["compile", str(half_models["fp16"]), "--target", "rzv2l", "--calib", str(CALIB), "--out", str(out)]) == 0
+    assert main(["simulate", str(out)]) == 0
+    assert "package OK" in capsys.readouterr().out
+    model = onnx.load(str(out / "model.onnx"))
+    assert "Cast" not in {n.op_type for n in model.graph.node}
+    deploy = json.loads((out / "deploy.json").read_text())
+    assert deploy["totals"]["layers_on_cpu"] == 0
+    given = run_model(onnx.load(str(half_models["fp16"])), {"input": x.astype(np.float16)})[0]
+    packaged = run_model(model, {"input": x.astype(np.float16)})[0]
+    assert np.mean(given.argmax(1) == packaged.argmax(1)) >= 0.99
