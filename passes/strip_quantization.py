@@ -53,49 +53,63 @@ class StripQuantization(Pass):
                 raise UnsupportedModelError(
                     f"node '{node.name}' ({node.op}): the model is quantized in operator form; drpc takes float or "
                     "QDQ models: give it the float model")
-        weights = [n for n in graph.nodes if n.op == "DequantizeLinear" and _constant_chain(n)]
-        repaired = [n.name for n in weights if _repair_axis(n)]
-        if repaired and ctx is not None:
-            ctx.warn(f"{len(repaired)} DequantizeLinear nodes name an axis their per-channel scales do not fit "
-                     f"('{repaired[0]}'): read along the one axis of that length")
-        if weights:
-            chains = [node for dq in weights for node in _constant_chain(dq)]
-            try:
-                values = _evaluate(chains, [n.outputs[0] for n in weights], module.opset_imports)
-            except Exception as exc:  # onnxruntime's kernels name the node they refuse
-                first = str(exc).strip().splitlines()[0][-300:] if str(exc).strip() else type(exc).__name__
-                raise UnsupportedModelError(f"cannot compute the quantized weights: {first}") from None
-            for node, value in zip(weights, values):
-                tensor = node.outputs[0]
-                node.outputs.clear()
-                tensor.to_constant(value)
-        pairs, clips, float_of = 0, 0, {}  # QuantizeLinear → the float tensor its pairs stand for
-        for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.outputs]:
-            q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
-            if q is None or q.op != "QuantizeLinear":
-                raise UnsupportedModelError(f"node '{dq.name}' (DequantizeLinear) does not read a QuantizeLinear or "
-                                            "constant weights: drpc cannot tell which float model it quantizes")
-            quantized = dq.outputs[0]
-            dq.outputs.clear()
-            if id(q) not in float_of:
-                float_of[id(q)] = _float_of(graph, q)
-                clips += float_of[id(q)] is not q.inputs[0]
-            source = float_of[id(q)]
-            replace_uses(quantized, source)
-            if is_graph_output(graph, quantized):  # the output keeps its name
-                graph.nodes.append(gs.Node("Identity", f"{quantized.name}_float", inputs=[source], outputs=[quantized]))
-            pairs += 1
+        weights = _dequantize_weights(module, ctx)
+        pairs, clips = _bypass_pairs(graph)
         graph.cleanup(remove_unused_graph_inputs=False)
         for node in graph.nodes:
             if node.op in QDQ:
                 raise UnsupportedModelError(f"node '{node.name}' ({node.op}) is not part of a QuantizeLinear → "
                                             "DequantizeLinear pair: drpc cannot tell which float model it quantizes")
         if ctx is not None:
-            ctx.log(dequantized_weights=len(weights), activation_pairs=pairs, clips_restored=clips)
-            ctx.warn(f"the model was already quantized ({len(weights)} weights, {pairs} activation Q/DQ pairs): drpc "
+            ctx.log(dequantized_weights=weights, activation_pairs=pairs, clips_restored=clips)
+            ctx.warn(f"the model was already quantized ({weights} weights, {pairs} activation Q/DQ pairs): drpc "
                      "computes its float weights and quantizes them again for the target, calibrating on the "
                      "calibration data")
         return True
+
+
+def _dequantize_weights(module, ctx) -> int:
+    """Replace every DequantizeLinear computed from constants by its value (onnxruntime evaluates them all in
+    one run); returns how many."""
+    weights = [n for n in module.graph.nodes if n.op == "DequantizeLinear" and _constant_chain(n)]
+    if not weights:
+        return 0
+    repaired = [n.name for n in weights if _repair_axis(n)]
+    if repaired and ctx is not None:
+        ctx.warn(f"{len(repaired)} DequantizeLinear nodes name an axis their per-channel scales do not fit "
+                 f"('{repaired[0]}'): read along the one axis of that length")
+    chains = [node for dq in weights for node in _constant_chain(dq)]
+    try:
+        values = _evaluate(chains, [n.outputs[0] for n in weights], module.opset_imports)
+    except Exception as exc:  # onnxruntime's kernels name the node they refuse
+        first = str(exc).strip().splitlines()[0][-300:] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"cannot compute the quantized weights: {first}") from None
+    for node, value in zip(weights, values):
+        tensor = node.outputs[0]
+        node.outputs.clear()
+        tensor.to_constant(value)
+    return len(weights)
+
+
+def _bypass_pairs(graph: gs.Graph) -> tuple[int, int]:
+    """Make the readers of each activation DequantizeLinear read the float tensor its QuantizeLinear stands
+    for; returns (pairs, Clips added)."""
+    pairs, float_of = 0, {}  # id(QuantizeLinear) → the float tensor its pairs stand for
+    for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.outputs]:
+        q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
+        if q is None or q.op != "QuantizeLinear":
+            raise UnsupportedModelError(f"node '{dq.name}' (DequantizeLinear) does not read a QuantizeLinear or "
+                                        "constant weights: drpc cannot tell which float model it quantizes")
+        quantized = dq.outputs[0]
+        dq.outputs.clear()
+        if id(q) not in float_of:
+            float_of[id(q)] = (_float_of(graph, q), q.inputs[0])
+        source = float_of[id(q)][0]
+        replace_uses(quantized, source)
+        if is_graph_output(graph, quantized):  # the output keeps its name
+            graph.nodes.append(gs.Node("Identity", f"{quantized.name}_float", inputs=[source], outputs=[quantized]))
+        pairs += 1
+    return pairs, sum(made is not given for made, given in float_of.values())
 
 
 def _float_of(graph: gs.Graph, q: gs.Node) -> gs.Tensor:
