@@ -198,3 +198,30 @@ def test_a_bias_scale_read_along_the_wrong_axis_is_read_along_the_axis_it_fits()
     assert StripQuantization().run(module, None) is True
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in module.to_proto().graph.initializer}
     assert np.array_equal(weights["b"], bias * scale)
+
+
+def test_a_relu6_the_quantizer_removed_comes_back_with_its_top():
+    """HardSwish written out, x · Clip(x + 3, 0, 6) / 6, after onnxruntime's quantizer removed the Clip: the
+    pair's range [0, 5.99] (the largest value calibration saw) is all that is left of it. strip-quantization
+    gives back Clip(0, 6), the top snapped to the whole number within one step; with only a Relu, the output
+    for x = 10 would be 21.7, not 10."""
+    from onnx import TensorProto, helper
+
+    from graphs import init, model
+
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"], name="add"),
+             helper.make_node("QuantizeLinear", ["a", "s", "zp"], ["q"], name="quant"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["d"], name="dequant"),
+             helper.make_node("Div", ["d", "six"], ["g"], name="div"),
+             helper.make_node("Mul", ["x", "g"], ["y"], name="mul")]
+    built = model(nodes, [("x", TensorProto.FLOAT, [1, 64])], [("y", TensorProto.FLOAT, [1, 64])],
+                  [init("three", np.float32(3)), init("six", np.float32(6)), init("s", np.float32(5.99 / 255)),
+                   init("zp", np.uint8(0))])
+    module = Module.from_proto(built)
+    assert StripQuantization().run(module, None) is True
+    stripped = module.to_proto()
+    bounds = {t.name: float(onnx.numpy_helper.to_array(t)) for t in stripped.graph.initializer if "_range_" in t.name}
+    assert sorted(bounds.values()) == [0.0, 6.0]
+    x = np.linspace(-10, 10, 64, dtype=np.float32).reshape(1, 64)
+    hardswish = x * np.clip(x + 3, 0, 6) / 6
+    assert relative_error(hardswish, run_model(stripped, {"x": x})[0]) < 1e-6
