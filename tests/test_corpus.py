@@ -44,3 +44,32 @@ def test_rzv2l_is_fp16_without_qdq_and_agrees(corpus, tmp_path, capsys, name):
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     assert all(m["cosine"] >= 0.999 for m in report["outputs"].values()), report["outputs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppocr_mobile_v2_cls", "magika_standard_v3_3"])
+def test_models_onnxruntime_quantized_compile_like_their_float_originals(corpus, tmp_path, name):
+    """The corpus model as onnxruntime's quantize_static leaves it (QDQ, per channel; it removes the Relu6 of
+    ppocr's HardSwish and writes magika's Dense biases with a wrong axis): drpc's package from it answers
+    like the one from the float model on the evaluation split."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import datasets
+    from ptq import quantize_ort
+
+    from compiler.api import compile_model
+    from compiler.runtime import make_session
+
+    task = datasets.TASKS[name]()
+    np.save(tmp_path / "calib.npy", task.calib)
+    quantize_ort(task, tmp_path / "calib.npy", tmp_path / "qdq.onnx")
+    answers = {}
+    for form, source in (("float", task.model), ("qdq", tmp_path / "qdq.onnx")):
+        compile_model(source, "rzv2h", tmp_path / form, calib=tmp_path / "calib.npy")
+        logits = datasets.run_task(make_session(onnx.load(str(tmp_path / form / "model.onnx"))), task)
+        answers[form] = logits.reshape(len(task.eval_x), -1).argmax(1)
+    assert np.mean(answers["qdq"] == answers["float"]) >= 0.98
