@@ -14,6 +14,7 @@ from compiler.rewrite import bypass
 from compiler.runtime import make_session
 
 FP16_MAX = 65504.0
+FLOAT = onnx.TensorProto.FLOAT
 RANGE_SAMPLES = 16  # calibration samples the range check runs, one at a time (bounded memory)
 
 # Kept in float32: ops whose fp16 kernels are missing in onnxruntime or that need the range.
@@ -62,8 +63,9 @@ class ConvertFp16(Pass):
         module.graph = gs.import_onnx(converted)
         round_trips = _drop_round_trip_casts(module.graph)
         if ctx is not None:
-            ctx.log(round_trip_casts_dropped=round_trips, kept_float_ops=sorted({n.op for n in graph.nodes if n.op in KEEP_FLOAT}), kept_float_nodes=block_nodes,
-                    beyond_fp16=sorted(overflow, key=overflow.get, reverse=True)[:20])
+            ctx.log(kept_float_ops=sorted({n.op for n in graph.nodes if n.op in KEEP_FLOAT}), kept_float_nodes=block_nodes,
+                    beyond_fp16=sorted(overflow, key=overflow.get, reverse=True)[:20],
+                    round_trip_casts_dropped=round_trips)
         return True
 
 
@@ -78,7 +80,7 @@ def _drop_round_trip_casts(graph: gs.Graph) -> int:
     for cast in [n for n in graph.nodes if n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.FLOAT16]:
         source = cast.inputs[0]
         inner = source.inputs[0] if source.inputs else None
-        if not half(source) and inner is not None and inner.op == "Cast" and inner.attrs.get("to") == onnx.TensorProto.FLOAT:
+        if not half(source) and inner is not None and inner.op == "Cast" and inner.attrs.get("to") == FLOAT:
             source = inner.inputs[0]
         if half(source):
             dropped += bypass(graph, cast, source, cast.outputs[0])
