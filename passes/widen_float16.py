@@ -145,8 +145,6 @@ def _cast_after_input(graph: gs.Graph, tensor: gs.Variable) -> None:
 
 
 def _cast_before_output(graph: gs.Graph, tensor: gs.Variable) -> None:
-    if not tensor.inputs:  # a graph input passed straight through keeps its type without a Cast
-        return
     wide = gs.Variable(f"{tensor.name}_float32", dtype=np.float32, shape=tensor.shape)
     producer = tensor.inputs[0]
     producer.outputs[producer.outputs.index(tensor)] = wide
