@@ -91,7 +91,7 @@ class FoldConstants(Pass):
         if not nodes:
             return 0
         outputs = [t for n in nodes for t in n.outputs if t.name]
-        values = _evaluate(nodes, outputs, module.opset_imports)
+        values = evaluate_nodes(nodes, outputs, module.opset_imports)
         count = 0
         for tensor, value in zip(outputs, values):
             producer = tensor.inputs[0] if tensor.inputs else None
@@ -104,7 +104,7 @@ class FoldConstants(Pass):
         return count
 
 
-def _evaluate(nodes, outputs, opsets) -> list[np.ndarray]:
+def evaluate_nodes(nodes, outputs, opsets) -> list[np.ndarray]:
     """Run `nodes` (all inputs constant) in onnxruntime without graph optimizations; one value per output."""
     sub = gs.Graph(nodes=nodes, inputs=[], outputs=outputs, opset=opsets.get("", 13))
     proto = gs.export_onnx(sub, do_type_check=False,

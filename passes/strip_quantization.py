@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import UnsupportedModelError
 from compiler.passmanager import Pass, register_pass
 from compiler.rewrite import is_graph_output, replace_uses
-from passes.fold_constants import _evaluate
+from passes.fold_constants import evaluate_nodes
 
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
 # Ops whose outputs are never negative: a range starting at 0 after them clips nothing below.
@@ -80,7 +80,7 @@ def _dequantize_weights(module, ctx) -> int:
                  f"('{repaired[0]}'): read along the one axis of that length")
     chains = [node for dq in weights for node in _constant_chain(dq)]
     try:
-        values = _evaluate(chains, [n.outputs[0] for n in weights], module.opset_imports)
+        values = evaluate_nodes(chains, [n.outputs[0] for n in weights], module.opset_imports)
     except Exception as exc:  # onnxruntime's kernels name the node they refuse
         first = str(exc).strip().splitlines()[0][-300:] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"cannot compute the quantized weights: {first}") from None
@@ -172,7 +172,7 @@ def _range_from_zero(q: gs.Node) -> float | None:
     if not isinstance(scale, gs.Constant) or np.size(scale.values) != 1:
         return None
     if zero_point is None:  # zero point 0 of the output type: uint8 unless `output_dtype` says otherwise
-        kind = onnx.helper.tensor_dtype_to_np_dtype(q.attrs.get("output_dtype", onnx.TensorProto.UINT8) or 2)
+        kind = onnx.helper.tensor_dtype_to_np_dtype(q.attrs.get("output_dtype") or onnx.TensorProto.UINT8)
         zp = np.zeros((), dtype=kind)
     elif isinstance(zero_point, gs.Constant) and np.size(zero_point.values) == 1:
         zp = np.asarray(zero_point.values).reshape(())

@@ -56,9 +56,14 @@ class WidenFloat16(Pass):
                 widened["outputs"] += 1
         interface = {id(t) for t in graph.inputs + graph.outputs}
         for g in _graphs(graph):  # inner types are inferred again from the float32 weights
+            signature = {id(t) for t in g.inputs + g.outputs}  # a Loop body's declared types: widened in place
             for tensor in g.tensors().values():
-                if isinstance(tensor, gs.Variable) and id(tensor) not in interface and not _is_boundary(tensor, g):
+                if not isinstance(tensor, gs.Variable) or id(tensor) in interface:
+                    continue
+                if id(tensor) not in signature:
                     tensor.dtype, tensor.shape = None, None
+                elif _is_half(tensor.dtype):
+                    tensor.dtype = np.float32
         module.infer_shapes()
         if ctx is not None:
             ctx.log(**widened)
@@ -127,15 +132,6 @@ def _widen_attributes(node: gs.Node) -> int:
         if isinstance(value, gs.Constant) and _is_half(value.dtype):  # Constant's value, ConstantOfShape's value
             node.attrs[name] = gs.Constant(value.name, np.asarray(value.values, dtype=np.float32))
     return changed
-
-
-def _is_boundary(tensor: gs.Variable, g: gs.Graph) -> bool:
-    """Subgraph inputs and outputs keep declared types (a Loop body's signature); they are widened alone."""
-    if any(t is tensor for t in g.inputs + g.outputs):
-        if _is_half(tensor.dtype):
-            tensor.dtype = np.float32
-        return True
-    return False
 
 
 def _cast_after_input(graph: gs.Graph, tensor: gs.Variable) -> None:

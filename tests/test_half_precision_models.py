@@ -140,7 +140,8 @@ def test_a_float16_model_for_an_fp16_target_keeps_no_cast(half_models, test_data
     conversion meet and cancel), every layer is on DRP-AI, and it answers like the model itself."""
     x, _ = test_data
     out = tmp_path / "rzv2l"
-    assert main(["compile", str(half_models["fp16"]), "--target", "rzv2l", "--calib", str(CALIB), "--out", str(out)]) == 0
+    assert main(["compile", str(half_models["fp16"]), "--target", "rzv2l", "--calib", str(CALIB),
+                 "--out", str(out)]) == 0
     assert main(["simulate", str(out)]) == 0
     assert "package OK" in capsys.readouterr().out
     model = onnx.load(str(out / "model.onnx"))
@@ -150,3 +151,40 @@ def test_a_float16_model_for_an_fp16_target_keeps_no_cast(half_models, test_data
     given = run_model(onnx.load(str(half_models["fp16"])), {"input": x.astype(np.float16)})[0]
     packaged = run_model(model, {"input": x.astype(np.float16)})[0]
     assert np.mean(given.argmax(1) == packaged.argmax(1)) >= 0.99
+
+
+def test_half_precision_if_bodies_are_widened_with_their_declared_types():
+    """An fp16 model whose If branches read an outer tensor and hold an fp16 weight: the bodies' weights and
+    declared output types become float32 with the rest, and the model answers like the fp16 one."""
+    from onnx import TensorProto, helper
+
+    half = TensorProto.FLOAT16
+    rng = np.random.default_rng(0)
+
+    def weight(name):
+        return onnx.numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float16), name)
+
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["o"], name="then_mm")], "then", [],
+                               [helper.make_tensor_value_info("o", half, [1, 4])], [weight("wt")])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["o2"], name="else_id")], "else", [],
+                               [helper.make_tensor_value_info("o2", half, [1, 4])])
+    nodes = [helper.make_node("MatMul", ["x", "k"], ["h"], name="mm"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
+    inputs = [helper.make_tensor_value_info("x", half, [1, 4]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    built = helper.make_model(helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", half, [1, 4])],
+                                                [weight("k")]), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(built)
+    module = Module.from_proto(built)
+    assert WidenFloat16().run(module, None) is True
+    widened = module.to_proto(infer_shapes=True)
+    onnx.checker.check_model(widened, full_check=True)
+    branch = next(n for n in widened.graph.node if n.op_type == "If")
+    bodies = [a.g for a in branch.attribute]
+    assert all(t.data_type == TensorProto.FLOAT for body in bodies for t in body.initializer)
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for body in bodies for o in body.output)
+    x = rng.standard_normal((1, 4)).astype(np.float16)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        want, have = run_model(built, feed)[0], run_model(widened, feed)[0]
+        assert have.dtype == np.float16 and relative_error(want, have) < WidenFloat16.lossless_rtol
