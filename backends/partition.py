@@ -143,7 +143,8 @@ def _reaches_output_through_qdq(view: GraphView, name: str) -> bool:
 
 
 def _assign_qdq(view: GraphView, engine) -> None:
-    """Q/DQ nodes go with the op they serve: a DQ with its reader, a Q with the op that produced its input."""
+    """Q/DQ nodes go with the op they serve: a DQ with its reader, a Q with the op that produced its input; a DQ
+    nothing reads (it gives a graph output) goes with the node that produced its input."""
     for node in view.nodes:  # Q after an op
         if node.op_type == "QuantizeLinear":
             prod = view.producer.get(node.input[0])
@@ -154,6 +155,8 @@ def _assign_qdq(view: GraphView, engine) -> None:
             continue
         readers = [c for o in node.output for c in view.consumers.get(o, [])]
         engines = [engine.get(c.name) for c in readers if engine.get(c.name)]
+        if not readers and node.input[0] in view.producer:
+            engines = [engine.get(view.producer[node.input[0]].name, "cpu")]
         engine[node.name] = "drpai" if engines and all(e == "drpai" for e in engines) else (engines[0] if engines else "cpu")
 
 

@@ -141,6 +141,36 @@ def simulate_cmd(
         raise typer.Exit(1)
 
 
+FORM_NOTES = {
+    "float16": "compile computes in float32 behind the same interface (widen-float16), then quantizes for "
+               "the target",
+    "quantized (QDQ)": "compile takes it back to the float model it simulates (strip-quantization), then prunes "
+                       "and calibrates it anew for the target",
+    "quantized (operator form)": "compile refuses it; give it the float model",
+}
+
+
+def model_form(proto) -> str:
+    """How `proto`'s numbers are held: "float32", "float16" (fp16/bf16 weights or interface), "quantized (QDQ)"
+    or "quantized (operator form)"."""
+    import onnx
+
+    from passes.strip_quantization import operator_form
+    from passes.widen_float16 import HALF
+
+    ops = {n.op_type for n in proto.graph.node}
+    if any(operator_form(op) for op in ops):
+        return "quantized (operator form)"
+    if "DequantizeLinear" in ops:
+        return "quantized (QDQ)"
+    interface = [v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]]
+    weights = [t.data_type for t in proto.graph.initializer]
+    if HALF & {*interface, *weights} or any(n.op_type == "Cast" and onnx.helper.get_attribute_value(a) in HALF
+                                            for n in proto.graph.node for a in n.attribute if a.name == "to"):
+        return "float16"
+    return "float32"
+
+
 @app.command("inspect")
 def inspect_cmd(
     model: Path = typer.Argument(..., help="ONNX model to describe."),
@@ -160,14 +190,15 @@ def inspect_cmd(
         "outputs": [{"name": t.name, "shape": list(t.shape or []), "dtype": str(t.dtype)} for t in module.graph.outputs],
         "nodes": len(proto.graph.node), "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
         "params": int(sum(params.values())), "macs": int(sum(macs.values())),
+        "form": model_form(proto),
     }
     if target:
-        from backends.partition import partition
+        from backends.partition import QDQ, partition
         from compiler.target import load_target
 
         part = partition(proto, load_target(target))
-        info["placement"] = {"target": target, "drpai": sum(e == "drpai" for e in part.engine_of.values()),
-                             "cpu": sum(e == "cpu" for e in part.engine_of.values()),
+        layers = [part.engine_of[n.name] for n in proto.graph.node if n.op_type not in QDQ]
+        info["placement"] = {"target": target, "drpai": layers.count("drpai"), "cpu": layers.count("cpu"),
                              "cpu_nodes": part.reasons, "subgraphs": len(part.subgraphs)}
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -177,9 +208,11 @@ def inspect_cmd(
         for t in info[kind]:
             out.print(f"  {kind[:-1]} {t['name']} {t['dtype']} {t['shape']}")
     out.print("  ops: " + ", ".join(f"{k}×{v}" for k, v in info["ops"].items()))
+    if info["form"] in FORM_NOTES:
+        out.print(f"  form: {info['form']}: {FORM_NOTES[info['form']]}")
     if target:
         p = info["placement"]
-        out.print(f"  on {target}: {p['drpai']} nodes on DRP-AI, {p['cpu']} on CPU, {p['subgraphs']} subgraphs")
+        out.print(f"  on {target}: {p['drpai']} layers on DRP-AI, {p['cpu']} on CPU, {p['subgraphs']} subgraphs")
         for name, reason in p["cpu_nodes"].items():
             out.print(f"    cpu  {name}: {reason}")
 

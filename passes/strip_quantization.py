@@ -46,10 +46,10 @@ class StripQuantization(Pass):
 
     def run(self, module, ctx) -> bool:
         graph = module.graph
-        if not any(n.op in QDQ or _operator_form(n) for n in graph.nodes):
+        if not any(n.op in QDQ or operator_form(n.op) for n in graph.nodes):
             return False
         for node in graph.nodes:
-            if _operator_form(node):
+            if operator_form(node.op):
                 raise UnsupportedModelError(
                     f"node '{node.name}' ({node.op}): the model is quantized in operator form; drpc takes float or "
                     "QDQ models: give it the float model")
@@ -159,8 +159,9 @@ def _all_constant(tensors) -> bool:
     return all(isinstance(t, gs.Constant) or t.name == "" for t in tensors)
 
 
-def _operator_form(node: gs.Node) -> bool:
-    return node.op.startswith("QLinear") or node.op.endswith("Integer") or node.op == "DynamicQuantizeLinear"
+def operator_form(op_type: str) -> bool:
+    """Whether `op_type` computes on quantized integers itself (QLinearConv, MatMulInteger, ...)."""
+    return op_type.startswith("QLinear") or op_type.endswith("Integer") or op_type == "DynamicQuantizeLinear"
 
 
 def _range_from_zero(q: gs.Node) -> float | None:

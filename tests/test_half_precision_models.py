@@ -39,6 +39,12 @@ def test_data():
         return z["input"][:256], z["labels"][:256]
 
 
+def test_inspect_names_the_half_precision_form(half_models, capsys):
+    for path in half_models.values():
+        assert main(["inspect", str(path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["form"] == "float16"
+
+
 def test_out_of_order_nodes_are_sorted_on_load(half_models):
     """The converter appends its input Casts after their readers; onnx's checker rejects that order, so the
     loader sorts the nodes and checks again instead of refusing the model."""

@@ -3,6 +3,7 @@ are turned back into their float model (strip-quantization) and compile like the
 form is refused with a line naming the node."""
 
 import collections
+import json
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,20 @@ def test_readme_command_compiles_a_qdq_model_like_its_float_original(qdq_model, 
                for name, pkg in packages.items()}
     assert np.mean(answers["qdq"] == answers["float"]) >= 0.97
     assert np.mean(answers["qdq"] == labels) >= np.mean(answers["float"] == labels) - 0.01
+
+
+def test_inspect_names_the_form_and_places_a_qdq_model_like_its_float_original(qdq_model, capsys):
+    """`drpc inspect` says how compile will treat a quantized model, and counts layers as compile does: the
+    Q/DQ nodes go with the layers they serve, and the DequantizeLinear giving the output with its producer."""
+    infos = {}
+    for name, path in (("float", SAMPLE), ("qdq", qdq_model)):
+        assert main(["inspect", str(path), "--target", "rzv2h", "--json"]) == 0
+        infos[name] = json.loads(capsys.readouterr().out)
+    assert infos["float"]["form"] == "float32" and infos["qdq"]["form"] == "quantized (QDQ)"
+    assert infos["qdq"]["macs"] == infos["float"]["macs"]
+    assert infos["qdq"]["placement"]["cpu"] == 0 and infos["qdq"]["placement"]["subgraphs"] == 1
+    assert main(["inspect", str(qdq_model)]) == 0
+    assert "form: quantized (QDQ): compile takes it back to the float model" in capsys.readouterr().out
 
 
 def test_model_quantized_in_operator_form_names_the_node(tmp_path, capsys):
