@@ -1,4 +1,4 @@
-"""fuse-matmul-add: turn MatMul(x, W) + bias into one Gemm when x is a matrix."""
+"""fuse-matmul-add: turn MatMul(x, W) (+ bias) into one Gemm when x is a matrix."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from compiler.rewrite import bypass, const_value, fresh_name, sole_consumer
 
 @register_pass
 class FuseMatMulAdd(Pass):
-    """Replace Add(MatMul(x, W), b) by Gemm(x, W, b) for a rank-2 x, constant 2-D W and constant b.
+    """Replace Add(MatMul(x, W), b) by Gemm(x, W, b) for a rank-2 x, constant 2-D W and constant b, and a
+    MatMul(x, W) with no such Add by Gemm(x, W): the layer form the rest of drpc (channel pruning's
+    dependency analysis, the refit) knows, as a bias-free Linear exports to MatMul.
 
     b must broadcast as [N] or [1, N]. Guarantees: outputs unchanged up to float rounding; MatMuls between
-    two activations, batched (rank > 2) MatMuls and shared MatMul outputs are left alone.
+    two activations and batched (rank > 2) MatMuls are left alone.
     """
 
     name = "fuse-matmul-add"
@@ -21,22 +23,22 @@ class FuseMatMulAdd(Pass):
 
     def run(self, module, ctx) -> bool:
         graph = module.graph
-        fused = 0
+        fused = converted = 0
         for mm in list(graph.nodes):
             if mm.op != "MatMul" or mm.domain:
                 continue
             x, w_t = mm.inputs
             w = const_value(w_t)
-            if w is None or w.ndim != 2 or x.shape is None or len(x.shape) != 2:
+            if w is None or w.ndim != 2 or w.dtype.kind != "f" or x.shape is None or len(x.shape) != 2:
                 continue
-            add = sole_consumer(graph, mm.outputs[0])
-            if add is None or add.op != "Add":
-                continue
-            other = add.inputs[1] if add.inputs[0] is mm.outputs[0] else add.inputs[0]
-            b = const_value(other)
-            if b is None or b.size != w.shape[1] or b.ndim > 2 or (b.ndim == 2 and b.shape[0] != 1):
-                continue
-            if b.dtype != w.dtype:
+            add, b = sole_consumer(graph, mm.outputs[0]), None
+            if add is not None and add.op == "Add":
+                other = add.inputs[1] if add.inputs[0] is mm.outputs[0] else add.inputs[0]
+                b = const_value(other)
+            if b is None or b.size != w.shape[1] or b.ndim > 2 or (b.ndim == 2 and b.shape[0] != 1) \
+                    or b.dtype != w.dtype:
+                mm.op, mm.name = "Gemm", fresh_name(graph, mm.name + "_gemm")
+                converted += 1
                 continue
             bias = gs.Constant(fresh_name(graph, mm.name + "_bias"), b.reshape(-1))
             out = add.outputs[0]
@@ -53,5 +55,5 @@ class FuseMatMulAdd(Pass):
         if fused:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         if ctx is not None:
-            ctx.log(fused=fused)
-        return fused > 0
+            ctx.log(fused=fused, converted=converted)
+        return fused + converted > 0

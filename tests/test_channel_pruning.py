@@ -231,6 +231,41 @@ def test_flatten_into_gemm_removes_each_channels_block_of_features(tmp_path):
     outputs_close(proto, out, feed(proto))
 
 
+def test_a_bias_free_linear_head_reads_pruned_channels_once_it_is_a_gemm(tmp_path):
+    """A bias-free Linear exports as MatMul (efficientvit's head): as MatMul it blocks the channels it reads;
+    fuse-matmul-add makes it a Gemm, whose input columns follow the conv's kept channels."""
+    from compiler.context import CompileContext
+    from compiler.ir import Module
+    from compiler.passmanager import create_pass
+    from passes.channel_groups import analyze
+    from passes.prune_common import prunable_layers
+
+    inits = []
+    weights("w0", 4, 3, 3, (), inits)
+    weights("w1", 6, 4, 3, (1, 4), inits)
+    inits += [init("wl", rand(6, 5)), init("wc", rand(5, 7)), init("bc", rand(7))]
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "wl"], ["l"], name="linear"), helper.make_node("Relu", ["l"], ["h"]),
+             helper.make_node("MatMul", ["h", "wc"], ["m"], name="classifier"),
+             helper.make_node("Add", ["m", "bc"], ["y"])]
+    proto = onnx.shape_inference.infer_shapes(
+        model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 7])], inits))
+    module = Module.from_proto(proto)
+    conv1 = next(n for n in module.graph.nodes if n.name == "conv1")
+    space = next(s for s in analyze(module.graph, prunable_layers(module.graph, True, False)).base() if conv1 in s.producers)
+    assert "'linear' (MatMul) reads the channels" in space.blocked
+    assert create_pass("fuse-matmul-add", {}).run(module, CompileContext())
+    fused = module.to_proto()
+    assert [n.op_type for n in fused.graph.node].count("MatMul") == 0
+    out = pruned(tmp_path, fused, dead_ratio(fused))
+    assert out_channels(out, "conv1") == 4
+    linear = next(n for n in out.graph.node if n.name.startswith("linear"))
+    assert {t.name: t for t in out.graph.initializer}[linear.input[1]].dims[0] == 4
+    outputs_close(proto, out, feed(proto))
+
+
 def unknown_op_model():
     """conv1's channels reach an op the analysis does not know (LpNormalization over channels)."""
     inits = []

@@ -87,6 +87,24 @@ def test_fuse_matmul_add_to_gemm():
     outputs_close(original, fused, {"x": rand(4, 16)}, rtol=1e-6)
 
 
+def test_a_matrix_matmul_without_bias_becomes_a_gemm():
+    """A bias-free Linear (MatMul on a matrix) becomes Gemm(x, W); one whose Add is not a bias stays a Gemm
+    followed by that Add. Batched MatMuls stay MatMul."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Relu", ["m"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "x2"], ["y"], name="add"),
+             helper.make_node("MatMul", ["x3", "w3"], ["y3"], name="batched")]
+    original = model(nodes, [("x", TensorProto.FLOAT, [4, 16]), ("x2", TensorProto.FLOAT, [4, 10]),
+                             ("x3", TensorProto.FLOAT, [2, 4, 16])],
+                     [("y", TensorProto.FLOAT, [4, 10]), ("y3", TensorProto.FLOAT, [2, 4, 10])],
+                     [init("w", rand(16, 8)), init("w2", rand(8, 10)), init("w3", rand(16, 10))])
+    original = onnx.shape_inference.infer_shapes(original)
+    changed, fused = run_pass(original, "fuse-matmul-add")
+    assert changed and sorted(ops(fused)) == ["Add", "Gemm", "Gemm", "MatMul", "Relu"]
+    outputs_close(original, fused, {"x": rand(4, 16), "x2": rand(4, 10), "x3": rand(2, 4, 16)}, rtol=1e-6)
+
+
 def test_fuse_matmul_add_skips_batched_and_activation_matmul():
     nodes = [helper.make_node("MatMul", ["x", "x2"], ["m"], name="mm"),
              helper.make_node("Add", ["m", "b"], ["y"], name="add")]
