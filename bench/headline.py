@@ -47,7 +47,7 @@ def headline(model: Path, out: Path, target: str, prune: float, extra: list[str]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="*", type=Path, help="ONNX models (default: every corpus model)")
+    ap.add_argument("models", nargs="*", type=lambda p: Path(p).resolve(), help="ONNX models (default: every corpus model)")
     ap.add_argument("--target", default="rzv2h")
     ap.add_argument("--prune", type=float, default=0.7)
     ap.add_argument("--args", default="", help="extra compile options, one string")
