@@ -129,6 +129,8 @@ def test_model_quantized_in_operator_form_names_the_node(tmp_path, capsys):
     run_cli(capsys, ["compile", str(quantized), "--calib", str(CALIB), "--out", str(tmp_path / "pkg")],
             tmp_path / "pkg", 1, "strip-quantization", "(QLinearConv): the model is quantized in operator form",
             watch=quantized)
+    assert main(["inspect", str(quantized), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["form"] == "quantized (operator form)"
 
 
 def test_float_weights_quantized_in_the_graph_become_their_rounded_values():
