@@ -2,9 +2,9 @@
 
 The weights are random (no download): bench/headline.py checks that each model compiles, prunes and
 simulates, which does not depend on trained weights; accuracy is measured on the corpus's trained models.
-Needs torch and torchvision, and timm for timm: names (not drpc dependencies). Uses the TorchScript exporter, the one most deployed
-models went through, at opset 17; `--dynamo` uses torch.export instead (torch.onnx.export's default since
-torch 2.9: opset 18 and up, weights in a separate .onnx.data file), which also needs onnxscript.
+Needs torch and torchvision, and timm for timm: names (not drpc dependencies). Uses the TorchScript exporter,
+the one most deployed models went through, at opset 17; `--dynamo` uses torch.export instead (torch.onnx.export's
+default since torch 2.9: opset 18 and up, weights in a separate .onnx.data file), which also needs onnxscript.
 
     python bench/export_torchvision.py /tmp/zoo                      # the default set
     python bench/export_torchvision.py /tmp/zoo resnet18 vit_b_32@224
