@@ -171,6 +171,26 @@ def model_form(proto) -> str:
     return "float32"
 
 
+def _as_compiled(model: Path, target):
+    """`model` after `target`'s lossless passes (folding, cleanup, fusions; a QDQ model back to float), which
+    compile runs before placing layers; None when they do not apply to it."""
+    from itertools import takewhile
+
+    from compiler.context import CompileContext
+    from compiler.ir import Module
+    from compiler.passmanager import PassManager
+    from compiler.pipeline import parse_pipeline
+
+    passes = parse_pipeline(target.default_pipeline).passes
+    module = Module.load(model)
+    try:
+        PassManager(list(takewhile(lambda p: p.lossless or p.makes_float_source, passes))).run(
+            module, CompileContext(target=target))
+    except DrpcError:
+        return None
+    return module.to_proto(infer_shapes=True)
+
+
 @app.command("inspect")
 def inspect_cmd(
     model: Path = typer.Argument(..., help="ONNX model to describe."),
@@ -196,8 +216,10 @@ def inspect_cmd(
         from backends.partition import QDQ, partition
         from compiler.target import load_target
 
-        part = partition(proto, load_target(target))
-        layers = [part.engine_of[n.name] for n in proto.graph.node if n.op_type not in QDQ]
+        tgt = load_target(target)
+        placed = _as_compiled(model, tgt) or proto
+        part = partition(placed, tgt)
+        layers = [part.engine_of[n.name] for n in placed.graph.node if n.op_type not in QDQ]
         info["placement"] = {"target": target, "drpai": layers.count("drpai"), "cpu": layers.count("cpu"),
                              "cpu_nodes": part.reasons, "subgraphs": len(part.subgraphs)}
     if json_out:

@@ -180,6 +180,23 @@ def test_passes_targets_inspect(capsys):
     assert info["macs"] > 0 and info["params"] > 0 and info["placement"]["drpai"] > 0
 
 
+def test_inspect_places_layers_as_compile_will(tmp_path, capsys):
+    """An exporter's Identity and Constant nodes are not layers: inspect places the model after the target's
+    lossless passes, as compile does, so neither is counted on the CPU."""
+    proto = onnx.load(str(SAMPLE))
+    first = proto.graph.node[0]
+    first_out = first.output[0]
+    first.output[0] = "before_identity"
+    proto.graph.node.insert(1, onnx.helper.make_node("Identity", ["before_identity"], [first_out], name="exported_identity"))
+    path = tmp_path / "with_identity.onnx"
+    onnx.save(proto, str(path))
+    assert main(["inspect", str(path), "--target", "rzv2h", "--json"]) == 0
+    placement = json.loads(capsys.readouterr().out)["placement"]
+    assert placement["cpu"] == 0 and placement["cpu_nodes"] == {}
+    assert main(["compile", str(path), "--calib", str(CALIB), "--out", str(tmp_path / "pkg"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["layers_on_cpu"] == 0
+
+
 def test_readme_embedding_example_runs(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     code = readme.split("## Embedding the pass manager")[1].split("```python")[1].split("```")[0]

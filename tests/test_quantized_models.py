@@ -12,10 +12,12 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 from onnxruntime.quantization import QuantFormat, quantize_static
 
+from backends.partition import partition
 from compiler.cli import main
 from compiler.instrument import relative_error
 from compiler.ir import Module
 from compiler.runtime import run_model
+from compiler.target import load_target
 from passes.strip_quantization import StripQuantization
 from test_bad_input import run_cli
 
@@ -109,8 +111,9 @@ def test_readme_command_compiles_a_qdq_model_like_its_float_original(qdq_model, 
 
 
 def test_inspect_names_the_form_and_places_a_qdq_model_like_its_float_original(qdq_model, capsys):
-    """`drpc inspect` says how compile will treat a quantized model, and counts layers as compile does: the
-    Q/DQ nodes go with the layers they serve, and the DequantizeLinear giving the output with its producer."""
+    """`drpc inspect` says how compile will treat a quantized model and places its layers as compile will. Placed
+    as given, its Q/DQ nodes go with the layers they serve, the DequantizeLinear giving the output with its
+    producer: nothing on the CPU."""
     infos = {}
     for name, path in (("float", SAMPLE), ("qdq", qdq_model)):
         assert main(["inspect", str(path), "--target", "rzv2h", "--json"]) == 0
@@ -120,6 +123,8 @@ def test_inspect_names_the_form_and_places_a_qdq_model_like_its_float_original(q
     assert infos["qdq"]["placement"]["cpu"] == 0 and infos["qdq"]["placement"]["subgraphs"] == 1
     assert main(["inspect", str(qdq_model)]) == 0
     assert "form: quantized (QDQ): compile takes it back to the float model" in capsys.readouterr().out
+    as_given = partition(Module.load(qdq_model).to_proto(infer_shapes=True), load_target("rzv2h"))
+    assert set(as_given.engine_of.values()) == {"drpai"} and len(as_given.subgraphs) == 1
 
 
 def test_model_quantized_in_operator_form_names_the_node(tmp_path, capsys):
