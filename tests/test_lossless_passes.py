@@ -337,3 +337,63 @@ def test_lossless_check_after_a_lossy_pass_compares_with_that_pass_output(tmp_pa
     result = compile_model(src, "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz", verify=True,
                            pipeline="prune{ratio=0.5,mode=sparse,first_layer=true},align-channels")
     assert result is not None
+
+
+def rep_block(kernels, group=1, channels=8, strides=(1, 1), dilation=1, identity="bn", pads=None, start_at_zero=False):
+    """Summed branches over one x[1,C,12,12], as re-parameterizable models export in training form: a Conv per
+    kernel (each padded to keep the size unless `pads` says otherwise), an identity branch ("bn", "x" or none)
+    and, with `start_at_zero`, a first Add of the constant 0 (timm's MobileOne sums from 0)."""
+    c = channels
+    nodes, inits, terms = [], [], []
+    for i, (kh, kw) in enumerate(kernels):
+        p = pads[i] if pads else [dilation * (kh // 2), dilation * (kw // 2)] * 2
+        inits += [init(f"w{i}", rand(c, c // group, kh, kw)), init(f"b{i}", rand(c))]
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", group=group,
+                                      pads=p, strides=list(strides), dilations=[dilation, dilation]))
+        terms.append(f"c{i}")
+    if identity == "bn":
+        inits += [init("g", rand(c) + 2), init("be", rand(c)), init("m", rand(c)), init("v", np.abs(rand(c)) + 0.5)]
+        nodes.append(helper.make_node("BatchNormalization", ["x", "g", "be", "m", "v"], ["n"], name="bn"))
+        terms.append("n")
+    elif identity == "x":
+        terms.append("x")
+    if start_at_zero:
+        inits.append(init("zero", np.zeros((), np.float32)))
+        nodes.append(helper.make_node("Add", [terms[0], "zero"], ["s0"], name="add_zero"))
+        terms[0] = "s0"
+    total = terms[0]
+    for k, t in enumerate(terms[1:]):
+        nodes.append(helper.make_node("Add", [total, t], [f"s{k + 1}"], name=f"add{k}"))
+        total = f"s{k + 1}"
+    nodes.append(helper.make_node("Relu", [total], ["y"], name="relu"))
+    return model(nodes, [("x", TensorProto.FLOAT, [1, c, 12, 12])], [("y", TensorProto.FLOAT, None)], inits)
+
+
+@pytest.mark.parametrize("case", [
+    dict(kernels=[(3, 3), (1, 1)], identity="bn"),                          # RepVGG
+    dict(kernels=[(1, 1), (3, 3), (3, 3), (3, 3)], group=8, identity="bn", start_at_zero=True),  # MobileOne dw
+    dict(kernels=[(3, 3), (1, 3), (3, 1)], identity="x"),                   # ACNet-style asymmetric kernels
+    dict(kernels=[(5, 5), (3, 3)], group=2, dilation=2, identity="x"),      # dilated, grouped
+    dict(kernels=[(3, 3), (1, 1)], strides=(2, 2), identity=None),          # strided, no identity
+    dict(kernels=[(3, 3)], identity="x", pads=[[2, 2, 0, 0]]),              # identity at a corner tap
+])
+def test_merge_parallel_convs_leaves_one_conv_with_the_same_outputs(case):
+    original = rep_block(**case)
+    proto = onnx.shape_inference.infer_shapes(original)
+    module = Module.from_proto(proto)
+    ctx = CompileContext()
+    for name in ("fuse-conv-add", "merge-parallel-convs", "fuse-conv-add"):
+        create_pass(name, {}).run(module, ctx)
+    merged = module.to_proto()
+    assert ops(merged) == ["Conv", "Relu"]
+    assert merged.graph.node[0].name == ("conv0" if case["kernels"][0] != (1, 1) else "conv1")
+    outputs_close(original, merged, {"x": rand(1, 8, 12, 12)}, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [
+    dict(kernels=[(3, 3), (3, 3)], identity=None, pads=[[1, 1, 1, 1], [2, 2, 0, 0]]),  # same size, offset window
+])
+def test_merge_parallel_convs_leaves_branches_that_do_not_line_up(case):
+    original = onnx.shape_inference.infer_shapes(rep_block(**case))
+    changed, after = run_pass(original, "merge-parallel-convs")
+    assert not changed and ops(after) == ops(original)
