@@ -1,8 +1,9 @@
 """Random but valid small CNN graphs for differential testing of the compiler.
 
 `random_model(rng)` draws one model (input "x" [1, C, H, W], output "y"): convolutions (plain, strided,
-depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, Concat of two
-branches, pooling, nearest Resize, a zero Pad before a Conv, and optionally a classifier head
+depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, summed Conv
+branches over one input (RepVGG-style, with a BatchNorm or identity branch), Concat of two branches,
+pooling, nearest Resize, a zero Pad before a Conv, and optionally a classifier head
 (GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
 hypothesis strategy over it.
 """
@@ -56,7 +57,8 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     same_shape: list[tuple[str, tuple]] = []
     for _ in range(int(rng.integers(2, 9))):
         c, h, w = shape
-        kind = rng.choice(["conv", "depthwise", "grouped", "bn", "act", "residual", "concat", "pool", "resize", "padconv"])
+        kind = rng.choice(["conv", "depthwise", "grouped", "bn", "act", "residual", "concat", "pool", "resize", "padconv",
+                           "branches"])
         if kind == "conv" or (kind == "grouped" and c < 2):
             k = int(rng.choice([1, 3, 5]))
             stride = 2 if h >= 8 and w >= 8 and rng.random() < 0.3 else 1
@@ -100,6 +102,17 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
             scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
             x = b.node("Resize", [x, "", scales], mode="nearest")
             shape = (c, h * 2, w * 2)
+        elif kind == "branches":  # re-parameterizable block in training form: 3×3 + 1×1 (+ BN or identity)
+            group = c if rng.random() < 0.4 else 1
+            c_out = c if group > 1 or rng.random() < 0.6 else int(rng.integers(1, 17))
+            stride = 2 if h >= 8 and w >= 8 and rng.random() < 0.25 else 1
+            x_in, x = x, b.node("Add", [b.conv(x, c, c_out, 3, stride, group), b.conv(x, c, c_out, 1, stride, group)])
+            if stride == 1 and c_out == c and rng.random() < 0.7:
+                params = [np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5, rng.standard_normal(c).astype(np.float32),
+                          rng.standard_normal(c).astype(np.float32) * 0.1, np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5]
+                bn = b.node("BatchNormalization", [x_in] + [b.const(n, q) for n, q in zip(("g", "beta", "mean", "var"), params)])
+                x = b.node("Add", [x, bn if rng.random() < 0.5 else x_in])
+            shape = (c_out, (h - 1) // stride + 1, (w - 1) // stride + 1)
         elif kind == "padconv":
             pads = b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
             padded = b.node("Pad", [x, pads], mode="constant")
