@@ -10,11 +10,11 @@ from compiler.rewrite import bypass, const_value, fresh_name, sole_consumer
 
 @register_pass
 class FuseMatMulAdd(Pass):
-    """Replace Add(MatMul(x, W), b) by Gemm(x, W, b) for a rank-2 x, constant 2-D W and constant b, and a
-    MatMul(x, W) with no such Add by Gemm(x, W): the layer form the rest of drpc (channel pruning's
-    dependency analysis, the refit) knows, as a bias-free Linear exports to MatMul.
+    """Replace Add(MatMul(x, W), b) by Gemm(x, W, b), and a MatMul(x, W) with no such Add by Gemm(x, W), for a
+    rank-2 x, constant 2-D W and constant b.
 
-    b must broadcast as [N] or [1, N]. Guarantees: outputs unchanged up to float rounding; MatMuls between
+    Gemm is the layer form the rest of drpc (channel pruning's dependency analysis, the refit) knows; a
+    bias-free Linear exports to a lone MatMul. b must broadcast as [N] or [1, N]. Guarantees: outputs unchanged up to float rounding; MatMuls between
     two activations and batched (rank > 2) MatMuls are left alone.
     """
 
