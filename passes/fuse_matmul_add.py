@@ -14,8 +14,8 @@ class FuseMatMulAdd(Pass):
     rank-2 x, constant 2-D W and constant b.
 
     Gemm is the layer form the rest of drpc (channel pruning's dependency analysis, the refit) knows; a
-    bias-free Linear exports to a lone MatMul. b must broadcast as [N] or [1, N]. Guarantees: outputs unchanged up to float rounding; MatMuls between
-    two activations and batched (rank > 2) MatMuls are left alone.
+    bias-free Linear exports to a lone MatMul. b must broadcast as [N] or [1, N]. Guarantees: outputs unchanged
+    up to float rounding; MatMuls between two activations and batched (rank > 2) MatMuls are left alone.
     """
 
     name = "fuse-matmul-add"
