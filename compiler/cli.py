@@ -171,8 +171,8 @@ def model_form(proto) -> str:
     return "float32"
 
 
-def _as_compiled(model: Path, target):
-    """`model` after `target`'s lossless passes (folding, cleanup, fusions; a QDQ model back to float), which
+def _as_compiled(proto, target):
+    """`proto` after `target`'s lossless passes (folding, cleanup, fusions; a QDQ model back to float), which
     compile runs before placing layers; None when they do not apply to it."""
     from itertools import takewhile
 
@@ -182,7 +182,7 @@ def _as_compiled(model: Path, target):
     from compiler.pipeline import parse_pipeline
 
     passes = parse_pipeline(target.default_pipeline).passes
-    module = Module.load(model)
+    module = Module.from_proto(proto)
     try:
         PassManager(list(takewhile(lambda p: p.lossless or p.makes_float_source, passes))).run(
             module, CompileContext(target=target))
@@ -217,7 +217,7 @@ def inspect_cmd(
         from compiler.target import load_target
 
         tgt = load_target(target)
-        placed = _as_compiled(model, tgt) or proto
+        placed = _as_compiled(proto, tgt) or proto
         part = partition(placed, tgt)
         layers = [part.engine_of[n.name] for n in placed.graph.node if n.op_type not in QDQ]
         info["placement"] = {"target": target, "drpai": layers.count("drpai"), "cpu": layers.count("cpu"),
