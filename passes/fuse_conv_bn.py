@@ -25,18 +25,17 @@ class FuseConvBatchNorm(Pass):
         graph = module.graph
         fused = 0
         for bn in list(graph.nodes):
-            if bn.op != "BatchNormalization" or bn.attrs.get("training_mode", 0) or len(bn.outputs) != 1:
+            affine = inference_batchnorm(bn)
+            if affine is None:
                 continue
             conv = bn.inputs[0].inputs[0] if bn.inputs[0].inputs else None
             if conv is None or conv.op not in ("Conv", "ConvTranspose") or sole_consumer(graph, bn.inputs[0]) is not bn:
                 continue
-            params = [const_value(t) for t in bn.inputs[1:5]]
             weight = const_value(conv.inputs[1])
             bias = const_value(conv.inputs[2]) if len(conv.inputs) > 2 else None
-            if any(p is None for p in params) or weight is None or (len(conv.inputs) > 2 and bias is None):
+            if weight is None or (len(conv.inputs) > 2 and bias is None):
                 continue
-            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-            scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+            scale, mean, beta = affine
             out_channels = weight.shape[0] if conv.op == "Conv" else weight.shape[1] * conv.attrs.get("group", 1)
             if scale.shape != (out_channels,):
                 continue
@@ -53,6 +52,18 @@ class FuseConvBatchNorm(Pass):
         if ctx is not None:
             ctx.log(fused=fused)
         return fused > 0
+
+
+def inference_batchnorm(bn: gs.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(scale, mean, beta) in float64 of a BatchNormalization in inference mode with constant parameters, which
+    computes y = (x - mean) * scale + beta per channel; None for any other node."""
+    if bn.op != "BatchNormalization" or bn.attrs.get("training_mode", 0) or len(bn.outputs) != 1:
+        return None
+    params = [const_value(t) for t in bn.inputs[1:5]]
+    if any(p is None for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    return gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5))), mean, beta
 
 
 def _scale_output_channels(weight: np.ndarray, scale: np.ndarray, conv: gs.Node) -> np.ndarray:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Pass, register_pass
 from compiler.rewrite import bypass, const_value, fresh_name, set_input, sole_consumer
+from passes.fuse_conv_bn import inference_batchnorm
 
 
 @dataclass
@@ -17,12 +18,14 @@ class _Branch:
     BatchNormalization or the identity), which becomes a 1×1 kernel once a Conv partner fixes its group."""
 
     x: gs.Tensor
-    weight: np.ndarray | None               # [Cout, Cin/group, *kernel]; None for a per-channel scale
+    node: gs.Node | None                    # the Conv or BatchNormalization giving the summand; None for x itself
     bias: np.ndarray
-    scale: np.ndarray | None = None         # per-channel factor of a scale branch
-    conv: gs.Node | None = None
-    attrs: dict = field(default_factory=dict)
-    nodes: list[gs.Node] = field(default_factory=list)   # what the merge removes
+    weight: np.ndarray | None = None        # a Conv's [Cout, Cin/group, *kernel]
+    scale: np.ndarray | None = None         # a scale branch's per-channel factor
+
+    @property
+    def conv(self) -> gs.Node | None:
+        return self.node if self.weight is not None else None
 
 
 @register_pass
@@ -55,17 +58,17 @@ class MergeParallelConvs(Pass):
                 if a is None or b is None or a.x is not b.x or (a.conv is None and b.conv is None):
                     continue
                 # the merged Conv keeps the name of the larger kernel's (RepVGG's 3×3 next to its 1×1)
-                conv = max((br.conv for br in (a, b) if br.conv is not None), key=lambda n: n.inputs[1].values.size)
+                conv = max((br for br in (a, b) if br.conv is not None), key=lambda br: br.weight.size).conv
                 kernel = _merged(a, b)
                 if kernel is None or not bypass(graph, add, conv.outputs[0], add.outputs[0]):
                     continue
                 weight, pads, bias = kernel
-                dtype = conv.inputs[1].values.dtype
+                dtype = const_value(conv.inputs[1]).dtype
                 conv.inputs[1] = gs.Constant(fresh_name(graph, conv.name + "_merged_weight"), weight.astype(dtype))
                 set_input(conv, 2, gs.Constant(fresh_name(graph, conv.name + "_merged_bias"), bias.astype(dtype)))
                 conv.attrs["pads"] = pads
                 conv.attrs["kernel_shape"] = list(weight.shape[2:])
-                for node in [add, *(n for br in (a, b) for n in br.nodes if n is not conv)]:
+                for node in [add, *(br.node for br in (a, b) if br.node is not None and br.node is not conv)]:
                     node.inputs.clear()
                     node.outputs.clear()
                 merged += 1
@@ -79,24 +82,19 @@ class MergeParallelConvs(Pass):
 
 def _branch(graph: gs.Graph, t: gs.Tensor, other: gs.Tensor) -> _Branch | None:
     """Summand `t` of an Add as a branch; `other` is the Add's other input (t may be the tensor it convolves)."""
-    node = t.inputs[0] if len(t.inputs) == 1 else None
-    if node is not None and node.op == "Conv" and sole_consumer(graph, t) is not None:
+    node = t.inputs[0] if len(t.inputs) == 1 and sole_consumer(graph, t) is not None else None
+    if node is not None and node.op == "Conv":
         w = const_value(node.inputs[1])
-        b = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        has_bias = len(node.inputs) > 2 and node.inputs[2].name
+        b = const_value(node.inputs[2]) if has_bias else np.zeros(0 if w is None else w.shape[0])
         if w is None or w.dtype.kind != "f" or w.ndim < 3 or node.attrs.get("auto_pad", "NOTSET") != "NOTSET" \
-                or (len(node.inputs) > 2 and node.inputs[2].name and b is None):
+                or b is None:
             return None
-        return _Branch(node.inputs[0], w.astype(np.float64),
-                       np.zeros(w.shape[0]) if b is None else b.astype(np.float64).reshape(-1),
-                       conv=node, attrs=node.attrs, nodes=[node])
-    if node is not None and node.op == "BatchNormalization" and sole_consumer(graph, t) is not None \
-            and not node.attrs.get("training_mode", 0) and len(node.outputs) == 1:
-        params = [const_value(p) for p in node.inputs[1:5]]
-        if any(p is None for p in params):
-            return None
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        scale = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
-        return _Branch(node.inputs[0], None, beta - mean * scale, scale=scale, nodes=[node])
+        return _Branch(node.inputs[0], node, b.astype(np.float64).reshape(-1), weight=w.astype(np.float64))
+    affine = inference_batchnorm(node) if node is not None else None
+    if affine is not None:
+        scale, mean, beta = affine
+        return _Branch(node.inputs[0], node, beta - mean * scale, scale=scale)
     # t itself, when the other summand convolves it
     partner = other.inputs[0] if len(other.inputs) == 1 else None
     if partner is not None and partner.op == "Conv" and partner.inputs[0] is t:
@@ -108,11 +106,11 @@ def _as_conv(br: _Branch, like: _Branch) -> tuple[np.ndarray, list[int], list[in
     """(kernel, pads at the start, pads at the end) of branch `br`, a scale branch taking `like`'s form."""
     rank = like.weight.ndim - 2
     if br.weight is not None:
-        pads = list(br.attrs.get("pads", [0] * 2 * rank))
+        pads = list(br.node.attrs.get("pads", [0] * 2 * rank))
         return br.weight, pads[:rank], pads[rank:]
-    group = like.attrs.get("group", 1)
+    group = like.node.attrs.get("group", 1)
     c_out, c_in = like.weight.shape[0], like.weight.shape[1] * group
-    if c_out != c_in or any(s != 1 for s in like.attrs.get("strides", [1] * rank)) or br.scale.size not in (1, c_out):
+    if c_out != c_in or any(s != 1 for s in like.node.attrs.get("strides", [1] * rank)) or br.scale.size not in (1, c_out):
         return None
     w = np.zeros((c_out, like.weight.shape[1]) + (1,) * rank)
     w[np.arange(c_out), np.arange(c_out) % like.weight.shape[1]] = np.broadcast_to(br.scale, (c_out,)).reshape(-1, *(1,) * rank)
@@ -125,14 +123,14 @@ def _merged(a: _Branch, b: _Branch) -> tuple[np.ndarray, list[int], np.ndarray] 
     rank = conv.weight.ndim - 2
     if a.weight is not None and b.weight is not None:
         for key, default in (("group", 1), ("strides", [1] * rank), ("dilations", [1] * rank)):
-            if list(np.atleast_1d(a.attrs.get(key, default))) != list(np.atleast_1d(b.attrs.get(key, default))):
+            if list(np.atleast_1d(a.node.attrs.get(key, default))) != list(np.atleast_1d(b.node.attrs.get(key, default))):
                 return None
         if a.weight.shape[:2] != b.weight.shape[:2]:
             return None
     forms = [_as_conv(a, conv), _as_conv(b, conv)]
     if any(f is None for f in forms):
         return None
-    dilations = list(conv.attrs.get("dilations", [1] * rank))
+    dilations = list(conv.node.attrs.get("dilations", [1] * rank))
     size = [max(f[0].shape[2 + d] for f in forms) for d in range(rank)]
     begin = [max(f[1][d] for f in forms) for d in range(rank)]
     end = [max(f[2][d] for f in forms) for d in range(rank)]
