@@ -92,10 +92,30 @@ def fresh_name(graph: gs.Graph, base: str) -> str:
             return name
 
 
+def matmul_bias(graph: gs.Graph, node: gs.Node) -> tuple[gs.Node, int] | None:
+    """The bias of a MatMul with a constant [K, N] weight: the Add that alone reads its output and adds a
+    constant holding one value per output feature ([N], or [1, .., 1, N]); (that Add, the constant's input
+    index), else None."""
+    w = const_value(node.inputs[1]) if node.op == "MatMul" and len(node.inputs) == 2 else None
+    add = sole_consumer(graph, node.outputs[0]) if w is not None and w.ndim == 2 else None
+    if add is None or add.op != "Add" or len(add.inputs) != 2 or add.domain:
+        return None
+    index = 1 if add.inputs[0] is node.outputs[0] else 0
+    bias = add.inputs[index]
+    if not isinstance(bias, gs.Constant) or bias.values.size != w.shape[1] or bias.values.shape[-1] != w.shape[1]:
+        return None
+    rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+    return (add, index) if rank is not None and bias.values.ndim <= rank else None
+
+
 def add_to_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
-    """Add `shift` (one value per output) to the layer's constant bias, creating it for a Conv/Gemm without one."""
+    """Add `shift` (one value per output) to the layer's constant bias, creating it for a Conv/Gemm without one.
+    A MatMul's bias is the Add after it (`matmul_bias`); one is inserted when there is none."""
+    if node.op == "MatMul":
+        _add_to_matmul_bias(graph, node, shift)
+        return
     if not (node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0)):
-        return  # MatMul has no bias input
+        return
     index = 2
     if len(node.inputs) > index and not isinstance(node.inputs[index], gs.Constant):
         return
@@ -103,3 +123,21 @@ def add_to_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
     if bias.size == shift.size:  # a Gemm bias may be [1, N]
         new = (bias + shift.reshape(bias.shape)).astype(np.float32)
         set_input(node, index, gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), new))
+
+
+def _add_to_matmul_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    found = matmul_bias(graph, node)
+    if found is not None:
+        add, index = found
+        bias = np.asarray(add.inputs[index].values)
+        new = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+        set_input(add, index, gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), new))
+        return
+    out = node.outputs[0]
+    if out.shape is None or len(out.shape) < 1 or out.shape[-1] != shift.size:
+        return
+    product = gs.Variable(fresh_name(graph, out.name + "_product"), dtype=out.dtype, shape=out.shape)
+    node.outputs[0] = product  # the Add takes over `out`: its name, its readers, its place among the outputs
+    bias = gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), shift.astype(np.float32))
+    add = gs.Node("Add", name=fresh_name(graph, node.name + "_bias"), inputs=[product, bias], outputs=[out])
+    graph.nodes.insert(next(i for i, n in enumerate(graph.nodes) if n is node) + 1, add)

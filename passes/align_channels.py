@@ -59,7 +59,7 @@ def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
         node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), rows_to_weight(node, rows))
         _pad_constant(graph, node, 2, extra, 0.0, axis=0)
     for node in space.followers:
-        _pad_follower(graph, node, space.channels, extra)
+        _pad_follower(graph, node, space.channels, extra, analysis.axis[node.outputs[0].name])
     for node, tensor in analysis.consumers:
         if analysis.view[tensor] == [p for p in analysis.view[tensor] if p.space == space.index]:
             w = np.asarray(node.inputs[1].values)
@@ -69,10 +69,10 @@ def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
             node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_aligned"), rows_to_weight(node, rows))
 
 
-def _pad_follower(graph: gs.Graph, node: gs.Node, channels: int, extra: int) -> None:
+def _pad_follower(graph: gs.Graph, node: gs.Node, channels: int, extra: int, axis: int) -> None:
     """Neutral entries for the new channels of a depthwise Conv, a normalization or a per-channel constant."""
     fills = NEUTRAL.get(node.op, 0.0)
-    for i, axis in channel_params(node, channels):
+    for i, axis in channel_params(node, channels, axis):
         _pad_constant(graph, node, i, extra, fills[i - 1] if isinstance(fills, tuple) else fills, axis)
     if node.op == "Conv":
         node.attrs["group"] = channels + extra

@@ -1,11 +1,13 @@
 """Channel dependency analysis for structured pruning: which channels must be removed together.
 
-Tensors whose channel axis (axis 1) is indexed the same way are joined in a networkx graph: an op's input
-and output when the op keeps channels apart (activations, pooling, BatchNormalization, depthwise Conv,
-element-wise ops with a per-channel or scalar constant), and all channel-carrying operands of an
-element-wise op (residual Add/Sub, SE Mul gates). Each connected component is a channel *space*. A space
-made of the outputs of prunable layers (Conv with group=1, Gemm) is a *base* space: removing channel c
-means removing row c of every producer in it. Concat, Split, Slice on the channel axis and Flatten/Reshape
+Tensors whose channel axis is indexed the same way are joined in a networkx graph: an op's input and output
+when the op keeps channels apart (activations, pooling, BatchNormalization, depthwise Conv, element-wise ops
+with a per-channel or scalar constant, Transpose), and all channel-carrying operands of an element-wise op
+(residual Add/Sub, SE Mul gates). The channel axis is 1 (NCHW), except where a MatMul with a constant weight
+writes its features on the last axis (a transformer's Linear on [batch, tokens, features]); element-wise ops
+keep it and Transpose moves it. Each connected component is a channel *space*. A space made of the outputs
+of prunable layers (Conv with group=1, Gemm, MatMul) is a *base* space: removing channel c means removing
+row c of every producer in it. Concat, Split, Slice on the channel axis and Flatten/Reshape
 into features make *derived* tensors whose channels are pieces of base spaces (a view). Any other reader
 of a channel tensor (an op the analysis does not understand, a graph output, a grouped Conv) blocks every
 base space in that tensor's view, and a space with any other origin is blocked: nothing is guessed.
@@ -25,6 +27,8 @@ PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoi
                 "PRelu", "Erf", "Gelu", "Mish", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
                 "GlobalMaxPool", "Identity", "Dropout", "BatchNormalization", "InstanceNormalization",
                 "Resize", "Upsample", "Pad", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Reciprocal"}
+NCHW_ONLY = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
+             "InstanceNormalization", "Resize", "Upsample", "Pad"}  # pass-through only with channels on axis 1
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"}
 DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
 # inputs of these ops, past the first, that are per-channel constants to slice (or not channel-wise at all)
@@ -61,16 +65,17 @@ class ChannelAnalysis:
     view: dict[str, list[Piece]]                       # tensor name -> its channels as pieces of base spaces
     consumers: list[tuple[gs.Node, str]]               # (layer, input tensor) whose input columns follow a view
     rewrites: list[gs.Node]                            # Split / Slice / Reshape whose constants follow a view
+    axis: dict[str, int] = field(default_factory=dict)  # channel tensor -> its channel axis
 
     def base(self) -> list[Space]:
         return [s for s in self.spaces if s.view is None]
 
 
-def channels_of(t: gs.Tensor) -> int | None:
+def channels_of(t: gs.Tensor, axis: int = 1) -> int | None:
     shape = t.shape
-    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+    if shape is None or len(shape) < 2 or len(shape) <= axis or not isinstance(shape[axis], int):
         return None
-    return shape[1]
+    return shape[axis]
 
 
 def is_depthwise(node: gs.Node) -> bool:
@@ -80,11 +85,38 @@ def is_depthwise(node: gs.Node) -> bool:
     return w is not None and g > 1 and w.shape[0] == g and w.shape[1] == 1
 
 
-def _aligned_channel(const: np.ndarray, rank: int) -> int:
-    """The size of a broadcast constant along the channel axis of a rank-`rank` tensor."""
-    if const.ndim < rank - 1:
+def _aligned_channel(const: np.ndarray, rank: int, axis: int = 1) -> int:
+    """The size of a broadcast constant along channel axis `axis` of a rank-`rank` tensor."""
+    if const.ndim < rank - axis:
         return 1
-    return const.shape[const.ndim - rank + 1]
+    return const.shape[const.ndim - rank + axis]
+
+
+def _linear_weight(node: gs.Node) -> np.ndarray | None:
+    """The constant weight of a layer the analysis prunes and refits: Conv (group 1), Gemm (no transA), or a
+    MatMul whose second input is a constant matrix."""
+    if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    if node.attrs.get("group", 1) != 1 or node.attrs.get("transA", 0):
+        return None
+    w = const_value(node.inputs[1])
+    return None if node.op == "MatMul" and w.ndim != 2 else w
+
+
+def _output_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int], rank: int | None) -> int:
+    """The channel axis of the node's outputs: last for a constant-weight MatMul, moved by a Transpose, kept
+    by element-wise ops of equal rank, else 1."""
+    if node.op == "MatMul" and rank is not None and _linear_weight(node) is not None:
+        return rank - 1
+    if not ins or rank is None:
+        return 1
+    if node.op == "Transpose" and node.inputs[0] is ins[0]:
+        perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+        return perm.index(axis_of[ins[0].name])
+    if (node.op not in PASS_THROUGH and node.op not in ELEMENTWISE) or any(len(t.shape) != rank for t in ins):
+        return 1
+    wide = [axis_of[t.name] for t in ins if (channels_of(t, axis_of[t.name]) or 0) > 1]  # not a broadcast operand
+    return wide[0] if wide else axis_of[ins[0].name]
 
 
 def _axis(node: gs.Node, rank: int | None) -> int | None:
@@ -107,25 +139,32 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     rewrites: list[gs.Node] = []
     channel_tensors: dict[str, gs.Tensor] = {}
 
+    axis_of: dict[str, int] = {}
+
     for t in graph.inputs:
         if channels_of(t):
             channel_tensors[t.name] = t
+            axis_of[t.name] = 1
             origin[t.name] = f"graph input '{t.name}'"
             links.add_node(t.name)
     for node in graph.nodes:
         ins = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in channel_tensors]
-        outs = [t for t in node.outputs if channels_of(t)]
+        rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
+        axis = _output_axis(node, ins, axis_of, rank)
+        outs = [t for t in node.outputs if channels_of(t, axis)]
         for t in outs:
             channel_tensors[t.name] = t
+            axis_of[t.name] = axis
             links.add_node(t.name)
-        rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
         op = node.op
-        weight = const_value(node.inputs[1]) if len(node.inputs) > 1 and op in ("Conv", "Gemm") else None
+        x_axis = axis_of.get(ins[0].name) if ins else None
 
-        if op in ("Conv", "Gemm") and weight is not None and isinstance(node.inputs[1], gs.Constant) \
-                and node.attrs.get("group", 1) == 1 and not node.attrs.get("transA", 0):
-            if ins:
+        if _linear_weight(node) is not None:
+            reads = 1 if op != "MatMul" else len(node.inputs[0].shape or ()) - 1
+            if ins and node.inputs[0] is ins[0] and x_axis == reads:
                 consumers.append((node, node.inputs[0].name))
+            elif ins:
+                blocks.append((ins[0].name, f"'{node.name}' ({op}) reads '{ins[0].name}' across its channel axis"))
             for t in outs:
                 if id(node) in chosen:
                     origin[t.name] = ""
@@ -133,11 +172,15 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
                 else:
                     origin[t.name] = f"'{node.name}' ({op}) is not pruned (first layer or classifier)"
             continue
-        if op == "Conv" and is_depthwise(node) and ins and outs and channels_of(ins[0]) == channels_of(outs[0]):
+        if op == "Conv" and is_depthwise(node) and ins and outs and x_axis == 1 and channels_of(ins[0]) == channels_of(outs[0]):
             links.add_edge(ins[0].name, outs[0].name)
             followers.setdefault(outs[0].name, []).append(node)
             continue
-        if op in PASS_THROUGH and ins and outs and node.inputs[0] is ins[0] and channels_of(ins[0]) == channels_of(outs[0]):
+        if op == "Transpose" and ins and outs and node.inputs[0] is ins[0]:
+            links.add_edge(ins[0].name, outs[0].name)
+            continue
+        if op in PASS_THROUGH and ins and outs and node.inputs[0] is ins[0] and (x_axis == 1 or op not in NCHW_ONLY) \
+                and x_axis == axis and channels_of(ins[0], x_axis) == channels_of(outs[0], axis):
             params = [node.inputs[i] for i in CHANNEL_PARAMS.get(op, ()) if i < len(node.inputs)]
             if all(isinstance(p, gs.Constant) for p in params) and all(
                     t is ins[0] or isinstance(t, gs.Constant) or t.name == "" for t in node.inputs):
@@ -146,16 +189,16 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
                     followers.setdefault(outs[0].name, []).append(node)
                 continue
         if op in ELEMENTWISE and outs and rank is not None:
-            c = channels_of(outs[0])
+            c = channels_of(outs[0], axis)
             ok, per_channel = True, False
             for t in node.inputs:
                 if isinstance(t, gs.Constant):
-                    ch = _aligned_channel(np.asarray(t.values), rank)
+                    ch = _aligned_channel(np.asarray(t.values), rank, axis)
                     per_channel |= ch == c and c > 1
                     ok &= ch in (1, c)
-                elif t.name in channel_tensors and channels_of(t) == c:
+                elif t.name in channel_tensors and axis_of[t.name] == axis and channels_of(t, axis) == c:
                     links.add_edge(t.name, outs[0].name)
-                elif t.name in channel_tensors and channels_of(t) == 1:
+                elif t.shape is not None and len(t.shape) == rank and channels_of(t, axis) == 1:
                     continue  # broadcast over channels: not indexed by them
                 else:
                     ok = False
@@ -168,10 +211,12 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             for t in outs:
                 origin[t.name] = f"'{node.name}' ({op})"
             continue
-        if op in DERIVING and ins and (op == "Concat" or node.inputs[0] is ins[0]) and _derives_channels(node):
+        if op in DERIVING and ins and (op == "Concat" or node.inputs[0] is ins[0]) and _derives_channels(node) \
+                and all(axis_of[t.name] == 1 for t in ins):
             for t in node.outputs:
                 derived[t.name] = node
                 channel_tensors.setdefault(t.name, t)
+                axis_of.setdefault(t.name, 1)
                 links.add_node(t.name)
             if op in ("Split", "Slice", "Reshape"):
                 rewrites.append(node)
@@ -192,7 +237,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     space_of: dict[str, int] = {}
     for comp in sorted(nx.connected_components(links), key=min):
         names = sorted(comp)
-        space = Space(len(spaces), channels_of(channel_tensors[names[0]]) or 0, names)
+        space = Space(len(spaces), channels_of(channel_tensors[names[0]], axis_of[names[0]]) or 0, names)
         for n in names:
             space_of[n] = space.index
             space.followers.extend(followers.get(n, []))
@@ -236,7 +281,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         if s.view is None and not s.producers and not s.blocked:
             s.blocked = "no prunable layer produces these channels"
     usable = [(n, t) for n, t in consumers if t in view and all(p.space >= 0 for p in view[t])]
-    return ChannelAnalysis(spaces, view, usable, rewrites)
+    return ChannelAnalysis(spaces, view, usable, rewrites, axis_of)
 
 
 def resize_sizes(node: gs.Node) -> np.ndarray | None:
@@ -246,9 +291,10 @@ def resize_sizes(node: gs.Node) -> np.ndarray | None:
     return np.asarray(node.inputs[3].values, dtype=np.int64)
 
 
-def channel_params(node: gs.Node, channels: int) -> list[tuple[int, int]]:
-    """(input index, axis) of a follower's constant inputs that hold one entry per channel: a depthwise Conv's
-    weight and bias, a normalization's parameters, a PRelu slope or element-wise constant broadcast per channel."""
+def channel_params(node: gs.Node, channels: int, axis: int = 1) -> list[tuple[int, int]]:
+    """(input index, axis) of a follower's constant inputs that hold one entry per channel (on channel axis
+    `axis` of its output): a depthwise Conv's weight and bias, a normalization's parameters, a PRelu slope or
+    element-wise constant broadcast per channel."""
     rank = len(node.outputs[0].shape)
     out = []
     for i, t in enumerate(node.inputs):
@@ -258,8 +304,8 @@ def channel_params(node: gs.Node, channels: int) -> list[tuple[int, int]]:
         if node.op in ("Conv", "BatchNormalization", "InstanceNormalization"):  # 1-D along the channels
             if v.ndim and v.shape[0] == channels:
                 out.append((i, 0))
-        elif v.ndim >= rank - 1 and v.shape[v.ndim - rank + 1] == channels:  # broadcast (PRelu slope, Mul, Add)
-            out.append((i, v.ndim - rank + 1))
+        elif v.ndim >= rank - axis and v.shape[v.ndim - rank + axis] == channels:  # broadcast (PRelu, Mul, Add)
+            out.append((i, v.ndim - rank + axis))
     return out
 
 

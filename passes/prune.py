@@ -14,7 +14,7 @@ from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
 from passes.float_layers import STEM_CHANNELS
 from passes.prune_channel import prune_channels
-from passes.prune_common import bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
+from passes.prune_common import bias_constant, bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
 from passes.prune_sensitivity import Sensitivity, measured_prefix
 from passes.prune_sparse import error_curve, sparse_prune_layer
@@ -159,10 +159,11 @@ class Prune(Pass):
                 weight = np.asarray(node.inputs[1].values, dtype=np.float32)
                 new_w = sparse_prune_layer(node, weight, ratio, stats.get(node.name), n_m, group,
                                            factors.setdefault(node.name, {}))[0]
-                return shifted_inputs(node, weight, new_w, stats.get(node.name))
+                return shifted_inputs(module.graph, node, weight, new_w, stats.get(node.name))
 
             nodes = {n.name: n for n in layers}
-            units = [(n.name, n.name, [t.name for t in n.inputs[1:3] if isinstance(t, gs.Constant)]) for n in layers]
+            units = [(n.name, n.name, [t.name for t in (n.inputs[1], bias_constant(module.graph, n))
+                                       if isinstance(t, gs.Constant)]) for n in layers]
             sensitivity = Sensitivity(module.to_proto(), units, ctx.calib, lambda name, r: prune(nodes[name], r),
                                       floors=floor)
             return measured_allocation(sensitivity, sizes, ratio, floor, ctx)

@@ -18,9 +18,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
-from compiler.rewrite import const_value, fresh_name, set_input
+from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
-from passes.prune_common import layer_statistics, rows_to_weight, shifted_inputs, weight_rows
+from passes.prune_common import bias_constant, layer_statistics, rows_to_weight, shifted_inputs, weight_rows
 from passes.prune_sensitivity import measured_curves
 
 
@@ -51,8 +51,9 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     base = [s for s in analysis.base() if s.producers]
     if not base:
         kinds = ", ".join(sorted({n.op for n in layers}))
-        raise UnsupportedModelError(f"channel pruning removes output channels of Conv (group 1) and Gemm layers, and "
-                                    f"none of this model's prunable layers ({kinds}) is one; use --prune-mode sparse")
+        raise UnsupportedModelError(f"channel pruning removes output channels of Conv (group 1), Gemm and MatMul "
+                                    f"layers, and none of this model's prunable layers ({kinds}) is one; use "
+                                    f"--prune-mode sparse")
     usable = [s for s in base if not s.blocked and s.channels > max(round_to, 1)]
     total = sum(int(n.inputs[1].values.size) for n in layers)
     consumers = analysis.consumers
@@ -93,11 +94,12 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
 
 
 def _positions(node: gs.Node) -> int:
-    """Output positions a weight is used at: a Conv's output height x width, else 1."""
+    """Output positions a weight is used at: a Conv's output height x width, a MatMul's tokens, else 1."""
     shape = node.outputs[0].shape
-    if node.op != "Conv" or shape is None or not all(isinstance(d, int) for d in shape[2:]):
+    spatial = shape[2:] if node.op == "Conv" else shape[1:-1] if node.op == "MatMul" and shape is not None else ()
+    if shape is None or not all(isinstance(d, int) for d in spatial):
         return 1
-    return int(np.prod(shape[2:]))
+    return int(np.prod(spatial))
 
 
 def _channel_cost(analysis: ChannelAnalysis, space: Space, macs: bool = False) -> int:
@@ -223,7 +225,8 @@ def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space]
     position = {n.name: i for i, n in enumerate(module.graph.nodes)}
     units = []
     for s in spaces:
-        tensors = [t.name for n, _ in readers[s.index] for t in n.inputs[1:3] if isinstance(t, gs.Constant)]
+        tensors = [t.name for n, _ in readers[s.index] for t in (n.inputs[1], bias_constant(module.graph, n))
+                   if isinstance(t, gs.Constant)]
         first = min(s.producers, key=lambda n: position.get(n.name, 0))
         if tensors:
             units.append((str(s.index), first.name, tensors))
@@ -238,7 +241,7 @@ def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space]
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
             rows = weight_rows(node, weight).copy()
             rows[:, np.setdiff1d(np.arange(rows.shape[1]), consumer_columns(analysis, node, tensor, keep))] = 0.0
-            out.update(shifted_inputs(node, weight, rows_to_weight(node, rows, weight.shape), stats.get(node.name)))
+            out.update(shifted_inputs(module.graph, node, weight, rows_to_weight(node, rows, weight.shape), stats.get(node.name)))
         return out
 
     with ctx.progress("Measuring channel-space sensitivity", len(units)) as advance:
@@ -257,46 +260,48 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
         node = (rows_kept.get(key) or cols_kept.get(key))[0]
         w = np.asarray(node.inputs[1].values, dtype=np.float64)
         rows = weight_rows(node, w)
-        has_bias = len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.size == rows.shape[0]
+        has_bias = node.op != "MatMul" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) \
+            and node.inputs[2].values.size == rows.shape[0]
         bias = np.asarray(node.inputs[2].values, np.float64).reshape(-1) if has_bias else np.zeros(rows.shape[0])
-        changed_bias = False
+        delta = None
         if key in cols_kept:
             rows, delta = _refit(rows, cols_kept[key][1], stats.get(node.name))
-            if delta is not None:
-                bias, changed_bias = bias + delta, True
             if ctx is not None:
                 ctx.layer(node.name, refit="least-squares" if delta is not None else "none")
-        if key in rows_kept:
-            kept = rows_kept[key][1]
-            if ctx is not None:
-                ctx.layer(node.name, channels_before=int(rows.shape[0]), channels_after=int(len(kept)))
-            rows, bias = rows[kept], bias[kept]
-        new_w = rows_to_weight(node, rows)
-        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_pruned"), new_w.astype(np.float32))
-        if has_bias or changed_bias:
+        if delta is not None and node.op != "MatMul":
+            bias = bias + delta
+        kept = rows_kept[key][1] if key in rows_kept else np.arange(rows.shape[0])
+        if key in rows_kept and ctx is not None:
+            ctx.layer(node.name, channels_before=int(rows.shape[0]), channels_after=int(len(kept)))
+        rows, bias = rows[kept], bias[kept]
+        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_pruned"),
+                                     rows_to_weight(node, rows).astype(np.float32))
+        if has_bias or (delta is not None and node.op != "MatMul"):
             set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_bias_pruned"), bias.astype(np.float32)))
+        elif delta is not None:  # a MatMul's bias Add follows its output space (sliced below); a new one is not
+            add_to_bias(graph, node, delta if matmul_bias(graph, node) is not None else delta[kept])
     for space in analysis.spaces:
         for f in space.followers:
             view = analysis.view[f.outputs[0].name]
             if any(p.space in keep for p in view):  # a blocked view (space -1) has no channel to follow
-                _slice_follower(graph, f, kept_positions(view, keep))
+                _slice_follower(graph, f, kept_positions(view, keep), analysis.axis[f.outputs[0].name])
     for node in analysis.rewrites:
         _rewrite_offsets(graph, analysis, node, keep)
 
 
-def _slice_follower(graph, node: gs.Node, kept: np.ndarray) -> None:
-    """Slice a depthwise Conv, a BatchNorm-like op's parameters or a per-channel constant to `kept` channels, or
-    set a Resize's output sizes to that many channels."""
-    c = node.outputs[0].shape[1]
+def _slice_follower(graph, node: gs.Node, kept: np.ndarray, axis: int) -> None:
+    """Slice a depthwise Conv, a BatchNorm-like op's parameters or a per-channel constant to `kept` channels (on
+    channel axis `axis` of its output), or set a Resize's output sizes to that many channels."""
+    c = node.outputs[0].shape[axis]
     if len(kept) == c:
         return
     sizes = resize_sizes(node)
     if sizes is not None:
         sizes[1] = len(kept)
         set_input(node, 3, gs.Constant(fresh_name(graph, node.inputs[3].name + "_pruned"), sizes))
-    for i, axis in channel_params(node, c):
+    for i, along in channel_params(node, c, axis):
         t = node.inputs[i]
-        set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), np.take(np.asarray(t.values), kept, axis=axis)))
+        set_input(node, i, gs.Constant(fresh_name(graph, t.name + "_pruned"), np.take(np.asarray(t.values), kept, axis=along)))
     if node.op == "Conv":
         node.attrs["group"] = int(len(kept))
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.activations import stream_activations
-from compiler.rewrite import const_value
+from compiler.rewrite import const_value, matmul_bias
 from passes.float_layers import STEM_CHANNELS
 
 PRUNABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -106,11 +106,20 @@ def bias_shift(node: gs.Node, old_w: np.ndarray, new_w: np.ndarray, st: LayerSta
     return np.concatenate([delta[g * per_group:(g + 1) * per_group] @ mean_x[g] for g in range(st.groups)])
 
 
-def shifted_inputs(node: gs.Node, weight: np.ndarray, new_w: np.ndarray, st: LayerStats | None) -> dict[str, np.ndarray]:
+def bias_constant(graph: gs.Graph, node: gs.Node) -> gs.Tensor | None:
+    """The layer's bias input: a Conv's or Gemm's third input, or the constant of a MatMul's bias Add."""
+    if node.op == "MatMul":
+        found = matmul_bias(graph, node)
+        return found[0].inputs[found[1]] if found is not None else None
+    return node.inputs[2] if len(node.inputs) > 2 else None
+
+
+def shifted_inputs(graph: gs.Graph, node: gs.Node, weight: np.ndarray, new_w: np.ndarray,
+                   st: LayerStats | None) -> dict[str, np.ndarray]:
     """The layer's new constant inputs by tensor name when W becomes `new_w`: the weight, and a constant
     per-output bias plus the mean output change (`bias_shift`) when there are statistics."""
     out = {node.inputs[1].name: new_w}
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = bias_constant(graph, node)
     if isinstance(bias, gs.Constant) and st is not None and bias.values.size == weight_rows(node, new_w).shape[0]:
         shifted = np.asarray(bias.values, np.float64).reshape(-1) + bias_shift(node, weight, new_w, st)
         out[bias.name] = shifted.reshape(bias.values.shape).astype(bias.values.dtype)

@@ -25,8 +25,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.activations import CheckpointedStream
-from compiler.rewrite import add_to_bias
-from passes.prune_common import layer_inputs, rows_to_weight, weight_rows
+from compiler.rewrite import add_to_bias, matmul_bias
+from passes.prune_common import bias_constant, layer_inputs, rows_to_weight, weight_rows
 
 RIDGE = 0.1  # λ as a fraction of the mean diagonal of XᵀX
 
@@ -65,9 +65,8 @@ def _has_bias_input(node: gs.Node) -> bool:
     return node.op in ("Conv", "Gemm") and (len(node.inputs) < 3 or isinstance(node.inputs[2], gs.Constant))
 
 
-def residual_partner(graph: gs.Graph, node: gs.Node) -> str | None:
-    """The other input of the Add that is the only reader of the layer's output, when it is a computed tensor."""
-    out = node.outputs[0]
+def residual_partner(graph: gs.Graph, out: gs.Tensor) -> str | None:
+    """The other input of the Add that is the only reader of a layer's output `out`, when it is a computed tensor."""
     if out in graph.outputs or len(out.outputs) != 1 or out.outputs[0].op != "Add":
         return None
     others = [t for t in out.outputs[0].inputs if t is not out]
@@ -106,14 +105,17 @@ def refit_layer(node: gs.Node, graph: gs.Graph, dense: Activations, pruned: Acti
     weight = np.asarray(node.inputs[1].values)
     rows = weight_rows(node, weight.astype(np.float64))
     groups = node.attrs.get("group", 1) if node.op == "Conv" else 1
-    intercept = _has_bias_input(node)
+    found = matmul_bias(graph, node)  # a MatMul's bias is the Add after it: refit the sum
+    output = found[0].outputs[0] if found is not None else node.outputs[0]
+    intercept = _has_bias_input(node) or found is not None
     bias = np.zeros(rows.shape[0])
-    if intercept and len(node.inputs) > 2:
-        given = np.asarray(node.inputs[2].values, np.float64).reshape(-1)
+    given = bias_constant(graph, node) if intercept else None
+    if isinstance(given, gs.Constant):
+        given = np.asarray(given.values, np.float64).reshape(-1)
         intercept = given.size == bias.size  # a broadcast scalar bias stays as it is
         bias = given if intercept else bias
-    partner = residual_partner(graph, node)
-    inp, out = node.inputs[0].name, node.outputs[0].name
+    partner = residual_partner(graph, output)
+    inp, out = node.inputs[0].name, output.name
     extra = [partner] if partner else []
     rng = np.random.default_rng(seed)
     normal = None

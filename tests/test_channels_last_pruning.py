@@ -1,0 +1,179 @@
+"""Channel pruning where features sit on the last axis: a transformer's Linear layers on [batch, tokens,
+features] (MatMul with a constant weight, then a bias Add), and ConvNeXt's Transpose into and out of them.
+
+As in test_channel_pruning, "dead" channels (zero weights and bias in the layer producing them) must go
+without changing the outputs, which checks the weight rows, the bias Add and the consumer's columns; live
+channels pruned at larger ratios must leave a valid model whose outputs stay close to the original's.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from compiler.ir import Module
+from graphs import init, model, outputs_close, rand
+from passes.channel_groups import analyze
+from passes.prune_common import prunable_layers
+from test_channel_pruning import dead_ratio, feed, pruned
+
+SQRT2 = np.float32(np.sqrt(2.0))
+
+
+def linear(name, x, fan_in, fan_out, out, inits, dead=()):
+    """MatMul(x, W) + b as exporters write a Linear on a token tensor; output features `dead` are zero."""
+    w, b = rand(fan_in, fan_out, scale=fan_in ** -0.5), rand(fan_out, scale=0.1)
+    w[:, list(dead)] = 0.0
+    b[list(dead)] = 0.0
+    inits += [init(name + "_w", w), init(name + "_b", b)]
+    return [helper.make_node("MatMul", [x, name + "_w"], [name + "_mm"], name=name),
+            helper.make_node("Add", [name + "_mm", name + "_b"], [out], name=name + "_bias")]
+
+
+def gelu(x, out):
+    """GELU in the erf form torch.onnx writes: 0.5 · x · (1 + erf(x / √2))."""
+    return [helper.make_node("Div", [x, "sqrt2"], [x + "_s"]), helper.make_node("Erf", [x + "_s"], [x + "_e"]),
+            helper.make_node("Add", [x + "_e", "one"], [x + "_p"]), helper.make_node("Mul", [x, x + "_p"], [x + "_m"]),
+            helper.make_node("Mul", [x + "_m", "half"], [out])]
+
+
+def norm(x, out, c, inits, name):
+    inits += [init(name + "_g", rand(c, scale=0.1) + 1), init(name + "_be", rand(c, scale=0.1))]
+    return [helper.make_node("LayerNormalization", [x, name + "_g", name + "_be"], [out], name=name, axis=-1)]
+
+
+SCALARS = [init("sqrt2", SQRT2), init("one", np.float32(1.0)), init("half", np.float32(0.5))]
+
+
+def vit_mlp_model(dead=()):
+    """Two pre-norm transformer MLP blocks on x[1, 6, 16] (hidden 48), then a Linear head on every token."""
+    inits, nodes, x = list(SCALARS), [], "x"
+    for b in range(2):
+        nodes += norm(x, f"n{b}", 16, inits, f"ln{b}")
+        nodes += linear(f"fc{b}a", f"n{b}", 16, 48, f"h{b}", inits, dead)
+        nodes += gelu(f"h{b}", f"g{b}")
+        nodes += linear(f"fc{b}b", f"g{b}", 48, 16, f"o{b}", inits)
+        nodes.append(helper.make_node("Add", [x, f"o{b}"], [f"x{b}"]))
+        x = f"x{b}"
+    nodes += linear("head", x, 16, 5, "y", inits)
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 6, 16])], [("y", TensorProto.FLOAT, [1, 6, 5])], inits, opset=17)
+
+
+def convnext_model(dead=()):
+    """A ConvNeXt block: stem → depthwise 3×3 → Transpose to NHWC → LayerNorm → Linear 16→64 → GELU → Linear
+    64→16 → layer scale → Transpose to NCHW → + stem; then global pooling and a Gemm classifier."""
+    inits = list(SCALARS) + [init("stem_w", rand(16, 3, 2, 2, scale=0.3)), init("stem_b", rand(16, scale=0.1)),
+                             init("dw_w", rand(16, 1, 3, 3, scale=0.3)), init("dw_b", rand(16, scale=0.1)),
+                             init("gamma", rand(16, scale=0.5)), init("cls_w", rand(16, 5)), init("cls_b", rand(5))]
+    nodes = [helper.make_node("Conv", ["x", "stem_w", "stem_b"], ["s"], name="stem", strides=[2, 2]),
+             helper.make_node("Conv", ["s", "dw_w", "dw_b"], ["d"], name="dw", group=16, pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["d"], ["t"], perm=[0, 2, 3, 1])]
+    nodes += norm("t", "n", 16, inits, "ln")
+    nodes += linear("pw1", "n", 16, 64, "h", inits, dead) + gelu("h", "g") + linear("pw2", "g", 64, 16, "o", inits)
+    nodes += [helper.make_node("Mul", ["o", "gamma"], ["ls"]), helper.make_node("Transpose", ["ls"], ["back"], perm=[0, 3, 1, 2]),
+              helper.make_node("Add", ["s", "back"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+              helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "cls_w", "cls_b"], ["y"], name="head")]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 5])], inits, opset=17)
+
+
+def weight_shape(proto, node_name):
+    node = next(n for n in proto.graph.node if n.name == node_name)
+    return tuple({t.name: t for t in proto.graph.initializer}[node.input[1]].dims)
+
+
+def spaces_of(proto):
+    module = Module.from_proto(onnx.shape_inference.infer_shapes(proto))
+    analysis = analyze(module.graph, prunable_layers(module.graph, True, False))
+    return {p.name: s for s in analysis.base() for p in s.producers}, analysis
+
+
+def test_a_transformer_mlp_hidden_space_is_prunable_and_the_residual_stream_is_not():
+    spaces, analysis = spaces_of(vit_mlp_model())
+    for b in range(2):
+        assert not spaces[f"fc{b}a"].blocked and spaces[f"fc{b}a"].channels == 48
+        assert spaces[f"fc{b}b"].blocked  # the residual stream: the graph input's, normalized over its features
+        hidden = spaces[f"fc{b}a"]
+        assert [n.name for n in hidden.followers] == [f"fc{b}a_bias"]  # the bias Add is sliced with the rows
+        assert analysis.axis[f"g{b}"] == 2
+    assert {n.name for n, _ in analysis.consumers} >= {"fc0b", "fc1b"}
+
+
+def test_dead_hidden_features_of_a_transformer_mlp_go_without_changing_its_outputs(tmp_path):
+    proto = vit_mlp_model(dead=range(0, 48, 4))  # a quarter: a point the sensitivity is measured at
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    for b in range(2):
+        assert weight_shape(out, f"fc{b}a") == (16, 36) and weight_shape(out, f"fc{b}b") == (36, 16)
+    outputs_close(proto, out, feed(proto))
+
+
+def test_live_transformer_mlp_features_pruned_by_half_stay_close_after_the_refit(tmp_path):
+    proto = vit_mlp_model()
+    out = pruned(tmp_path, proto, 0.5)
+    assert sum(weight_shape(out, f"fc{b}a")[1] for b in range(2)) < 96
+    x = feed(proto)
+    from compiler.runtime import run_model
+    want, got = run_model(proto, x)[0], run_model(out, x)[0]
+    assert np.linalg.norm(got - want) < 0.5 * np.linalg.norm(want)
+
+
+def test_convnext_block_prunes_its_inverted_bottleneck_through_the_transposes(tmp_path):
+    proto = convnext_model(dead=range(1, 64, 2))
+    spaces, analysis = spaces_of(proto)
+    assert not spaces["pw1"].blocked and spaces["pw1"].channels == 64
+    assert "LayerNormalization" in spaces["pw2"].blocked and spaces["pw2"] is spaces["stem"]
+    assert analysis.axis["t"] == 3 and analysis.axis["back"] == 1
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert weight_shape(out, "pw1") == (16, 32) and weight_shape(out, "pw2") == (32, 16)
+    outputs_close(proto, out, feed(proto))
+
+
+def transposed_reader_model(matmul_axis_last=True):
+    """conv0 → conv1 (8 channels, two dead) → Relu, then either Transpose to NHWC and a Linear over the
+    channels, or a MatMul that contracts the width axis of the NCHW tensor (which reads across channels)."""
+    w1, b1 = rand(8, 4, 3, 3, scale=0.3), rand(8, scale=0.1)
+    w1[[2, 5]], b1[[2, 5]] = 0.0, 0.0
+    inits = [init("w0", rand(4, 3, 3, 3, scale=0.3)), init("b0", rand(4)), init("w1", w1), init("b1", b1),
+             init("axes", np.array([1, 2], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c0", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"])]
+    if matmul_axis_last:
+        nodes.append(helper.make_node("Transpose", ["r1"], ["t"], perm=[0, 2, 3, 1]))
+        nodes += linear("proj", "t", 8, 5, "p", inits)
+        nodes.append(helper.make_node("ReduceMean", ["p", "axes"], ["y"], keepdims=0))
+        shape = [1, 5]
+    else:
+        nodes += linear("proj", "r1", 8, 5, "y", inits)
+        shape = [1, 8, 8, 5]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, shape)], inits, opset=18)
+
+
+def test_a_linear_reading_transposed_conv_channels_loses_their_rows(tmp_path):
+    proto = transposed_reader_model()
+    spaces, analysis = spaces_of(proto)
+    assert not spaces["conv1"].blocked and "proj" in [n.name for n, _ in analysis.consumers]
+    out = pruned(tmp_path, proto, dead_ratio(proto), classifier="true")
+    assert weight_shape(out, "conv1")[0] == 6 and weight_shape(out, "proj") == (6, 5)
+    outputs_close(proto, out, feed(proto))
+
+
+def test_a_matmul_across_the_channel_axis_blocks_the_channels_it_reads():
+    spaces, _ = spaces_of(transposed_reader_model(matmul_axis_last=False))
+    assert "'proj' (MatMul) reads 'r1' across its channel axis" in spaces["conv1"].blocked
+
+
+@pytest.mark.parametrize("dead", [(), (0, 5, 9)])
+def test_a_bias_free_token_linear_gets_a_bias_add_for_the_removed_features_mean(tmp_path, dead):
+    """fc2 has no bias: the refit's mean shift needs an Add, inserted after the MatMul under its output name."""
+    inits = list(SCALARS)
+    nodes = linear("fc1", "x", 8, 12, "h", inits, dead) + gelu("h", "g")
+    inits.append(init("fc2_w", rand(12, 8, scale=0.3)))
+    nodes.append(helper.make_node("MatMul", ["g", "fc2_w"], ["y"], name="fc2"))
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 5, 8])], [("y", TensorProto.FLOAT, [1, 5, 8])], inits, opset=17)
+    out = pruned(tmp_path, proto, dead_ratio(proto) if dead else 0.4, classifier="true")
+    fc2 = next(n for n in out.graph.node if n.name == "fc2")
+    bias_add = next(n for n in out.graph.node if fc2.output[0] in n.input)
+    assert bias_add.op_type == "Add" and bias_add.output[0] == "y"
+    if dead:
+        assert weight_shape(out, "fc2") == (9, 8)
+        outputs_close(proto, out, feed(proto))
