@@ -102,16 +102,21 @@ def mnist(limit: int | None = None) -> Task:
     return Task("mnist_cntk", CORPUS / "models" / "mnist_cntk.onnx", "Input3", x[cal], ex, ey, top1, batch=1)
 
 
-def sample(limit: int | None = None) -> Task:
-    """drpc's own residual MNIST model (models/), with its shipped calibration and test data."""
+def sample(limit: int | None = None, name: str = "mnist_resnet") -> Task:
+    """One of drpc's own MNIST models (models/), with their shipped calibration and test data."""
     models = Path(__file__).resolve().parents[1] / "models"
     with np.load(models / "mnist_calib.npz") as c, np.load(models / "mnist_test.npz") as t:
         calib, x, y = c["input"], t["input"][:limit], t["labels"][:limit]
-    return Task("mnist_resnet", models / "mnist_resnet.onnx", "input", calib, x, y, top1, batch=100)
+    return Task(name, models / f"{name}.onnx", "input", calib, x, y, top1, batch=100)
+
+
+def vit_sample(limit: int | None = None) -> Task:
+    """drpc's own small vision transformer for MNIST (models/make_vit_sample.py)."""
+    return sample(limit, "mnist_vit")
 
 
 TASKS = {"efficientnet_lite0": imagenet, "ppocr_mobile_v2_cls": ocr, "magika_standard_v3_3": magika,
-         "mnist_cntk": mnist, "mnist_resnet": sample}
+         "mnist_cntk": mnist, "mnist_resnet": sample, "mnist_vit": vit_sample}
 
 
 def run_task(session, task: Task, x: np.ndarray | None = None) -> np.ndarray:

@@ -177,3 +177,28 @@ def test_a_bias_free_token_linear_gets_a_bias_add_for_the_removed_features_mean(
     if dead:
         assert weight_shape(out, "fc2") == (9, 8)
         outputs_close(proto, out, feed(proto))
+
+
+def test_sample_vit_loses_mlp_features_through_the_cli_and_keeps_its_accuracy(tmp_path):
+    """The shipped vision transformer (models/make_vit_sample.py, trained on MNIST): channel pruning at 0.5
+    takes features out of every MLP's hidden layer (its attention and residual stream stay whole: the
+    analysis does not follow heads, and LayerNorm reads the stream) and keeps test accuracy."""
+    import json
+    from pathlib import Path
+
+    from compiler.cli import main
+    from compiler.runtime import run_model
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    out = tmp_path / "pkg"
+    assert main(["compile", str(root / "mnist_vit.onnx"), "--target", "rzv2h", "--prune", "0.5", "--prune-mode",
+                 "channel", "--calib", str(root / "mnist_calib.npz"), "--out", str(out)]) == 0
+    layers = {l["name"]: l for l in json.loads((out / "deploy.json").read_text())["layers"]}
+    hidden = [layers[f"/blocks/blocks.{b}/fc1/MatMul"] for b in range(4)]
+    assert all(l["channels_after"] < l["channels_before"] == 192 for l in hidden), hidden
+    assert all("channels_after" not in layers[f"/blocks/blocks.{b}/qkv/MatMul"] for b in range(4))
+    with np.load(root / "mnist_test.npz") as t:
+        x, y = t["input"][:500], t["labels"][:500]
+    accuracy = {p: float(np.mean(run_model(onnx.load(str(p)), {"input": x})[0].argmax(1) == y))
+                for p in (root / "mnist_vit.onnx", out / "model.onnx")}
+    assert accuracy[out / "model.onnx"] >= accuracy[root / "mnist_vit.onnx"] - 0.02, accuracy
