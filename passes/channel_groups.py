@@ -30,6 +30,8 @@ PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoi
 NCHW_ONLY = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
              "InstanceNormalization", "Resize", "Upsample", "Pad"}  # pass-through only with channels on axis 1
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"}
+REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
+LAYOUT = {"Transpose", "Reshape", "Flatten", "Slice", "Gather", "Concat"} | REDUCE  # see _moved_axis
 DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
 # inputs of these ops, past the first, that are per-channel constants to slice (or not channel-wise at all)
 CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "PRelu": (1,), "Clip": (),
@@ -110,9 +112,9 @@ def _output_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int], r
         return rank - 1
     if not ins or rank is None:
         return 1
-    if node.op == "Transpose" and node.inputs[0] is ins[0]:
-        perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
-        return perm.index(axis_of[ins[0].name])
+    if node.op in LAYOUT:
+        moved = _moved_axis(node, ins, axis_of)
+        return 1 if moved is None else moved
     if (node.op not in PASS_THROUGH and node.op not in ELEMENTWISE) or any(len(t.shape) != rank for t in ins):
         return 1
     wide = [axis_of[t.name] for t in ins if (channels_of(t, axis_of[t.name]) or 0) > 1]  # not a broadcast operand
@@ -176,9 +178,6 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             links.add_edge(ins[0].name, outs[0].name)
             followers.setdefault(outs[0].name, []).append(node)
             continue
-        if op == "Transpose" and ins and outs and node.inputs[0] is ins[0]:
-            links.add_edge(ins[0].name, outs[0].name)
-            continue
         if op in PASS_THROUGH and ins and outs and node.inputs[0] is ins[0] and (x_axis == 1 or op not in NCHW_ONLY) \
                 and x_axis == axis and channels_of(ins[0], x_axis) == channels_of(outs[0], axis):
             params = [node.inputs[i] for i in CHANNEL_PARAMS.get(op, ()) if i < len(node.inputs)]
@@ -220,6 +219,14 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
                 links.add_node(t.name)
             if op in ("Split", "Slice", "Reshape"):
                 rewrites.append(node)
+            continue
+        if op in LAYOUT and outs and _moved_axis(node, ins, axis_of) == axis:
+            for t in ins:
+                links.add_edge(t.name, outs[0].name)
+            if op == "Reshape":
+                rewrites.append(node)
+            if op == "Concat" and channel_params(node, channels_of(outs[0], axis), axis):  # a class token
+                followers.setdefault(outs[0].name, []).append(node)
             continue
         for t in ins:
             blocks.append((t.name, f"'{node.name}' ({op}) reads the channels of '{t.name}'"))
@@ -346,6 +353,74 @@ def _derives_channels(node: gs.Node) -> bool:
             return False
         return out.shape[1] == int(np.prod(x.shape[1:]))
     return False
+
+
+def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) -> int | None:
+    """The channel axis of the output of a layout op that keeps every channel apart, or None: a Transpose; a
+    Reshape/Flatten that only regroups the other axes; a Reduce, Slice or Gather (constant indices) over
+    other axes; a Concat of tensors with the same channels (or constants holding one entry per channel, such
+    as a class token) along another axis."""
+    if not ins or (ins[0] is not node.inputs[0] and node.op != "Concat") or ins[0].shape is None:
+        return None
+    axis, rank = axis_of[ins[0].name], len(ins[0].shape)
+    if node.op == "Transpose":
+        return list(node.attrs.get("perm", range(rank - 1, -1, -1))).index(axis)
+    if node.op in ("Reshape", "Flatten"):
+        return _regrouped_axis(node, axis)
+    if len(ins) > 1 and node.op != "Concat":
+        return None
+    if node.op in REDUCE:
+        given = node.attrs.get("axes") if "axes" in node.attrs else (
+            const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
+        reduced = {int(a) % rank for a in given} if given is not None and len(given) else set()
+        if not reduced or axis in reduced:
+            return None
+        return axis if node.attrs.get("keepdims", 1) else axis - sum(a < axis for a in reduced)
+    if node.op == "Slice":
+        bounds = [const_value(t) for t in node.inputs[1:] if t.name]
+        if any(v is None for v in bounds):
+            return None
+        axes = bounds[2] if len(bounds) > 2 else np.arange(len(bounds[0]))
+        return None if axis in {int(a) % rank for a in axes} else axis
+    if node.op == "Gather":
+        indices, at = const_value(node.inputs[1]), node.attrs.get("axis", 0) % rank
+        if indices is None or at == axis:
+            return None
+        return axis if at > axis else axis - 1 + indices.ndim
+    if node.op == "Concat":
+        at = node.attrs.get("axis", 0) % rank
+        c = channels_of(ins[0], axis)
+        if at == axis or any(t.shape is None or len(t.shape) != rank for t in node.inputs):
+            return None
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) or t.name not in axis_of:
+                if not isinstance(t, gs.Constant) or t.values.shape[axis] != c:
+                    return None
+            elif axis_of[t.name] != axis or channels_of(t, axis) != c:
+                return None
+        return axis
+    return None
+
+
+def _regrouped_axis(node: gs.Node, axis: int) -> int | None:
+    """For a Reshape/Flatten that only merges or splits the axes before and after channel axis `axis` (LeViT's
+    [batch, tokens, C] → [batch·tokens, C] around a BatchNorm, [N, C, H, W] → [N, C, H·W]), the channel axis of
+    its output; None when it splits or merges the channels themselves, or its shape constant would not follow
+    a change of the channel count."""
+    x, out = node.inputs[0], node.outputs[0]
+    if x.shape is None or out.shape is None or not all(isinstance(d, int) for d in list(x.shape) + list(out.shape)):
+        return None
+    target = const_value(node.inputs[1]) if node.op == "Reshape" else None
+    if node.op == "Reshape" and (target is None or node.attrs.get("allowzero", 0)):
+        return None
+    before = int(np.prod(x.shape[:axis]))
+    for b in range(len(out.shape)):
+        if int(np.prod(out.shape[:b])) == before and out.shape[b] == x.shape[axis]:
+            copies = [] if target is None else [j for j, v in enumerate(target) if v == 0]
+            return None if axis in copies and b != axis else b  # a 0 copies the input's dim at its index
+        if int(np.prod(out.shape[:b])) > before:
+            return None
+    return None
 
 
 def _derived_view(node, t, view, space_of, spaces) -> list[Piece] | None:

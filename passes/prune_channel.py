@@ -329,8 +329,9 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
         set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_ends"), ends))
     elif node.op == "Reshape":
         shape = np.array(const_value(node.inputs[1]), dtype=np.int64)
-        if shape[1] > 0:
-            shape[1] = len(kept_positions(analysis.view[node.outputs[0].name], keep))
+        axis = analysis.axis[node.outputs[0].name]
+        if shape[axis] > 0:
+            shape[axis] = len(kept_positions(analysis.view[node.outputs[0].name], keep))
             set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_shape"), shape))
 
 

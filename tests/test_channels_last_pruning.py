@@ -202,3 +202,65 @@ def test_sample_vit_loses_mlp_features_through_the_cli_and_keeps_its_accuracy(tm
     accuracy = {p: float(np.mean(run_model(onnx.load(str(p)), {"input": x})[0].argmax(1) == y))
                 for p in (root / "mnist_vit.onnx", out / "model.onnx")}
     assert accuracy[out / "model.onnx"] >= accuracy[root / "mnist_vit.onnx"] - 0.02, accuracy
+
+
+def token_layout_model(dead=()):
+    """A token stream without LayerNorm, through the layout ops that keep channels apart: embed (Linear) →
+    Concat of a class token along the tokens → Linear + ReLU added back → Reshape to [tokens, C] around a
+    BatchNorm (LeViT) → mean of every other token (Slice, ReduceMean) plus the class token (Gather) → Gemm."""
+    c, dead = 24, list(dead)
+    inits = [init("cls", rand(1, 1, c)), init("bn_g", rand(c, scale=0.1) + 1), init("bn_b", rand(c, scale=0.1)),
+             init("bn_m", rand(c, scale=0.1)), init("bn_v", np.abs(rand(c)) + 0.5), init("flat", np.array([7, c])),
+             init("tokens", np.array([1, 7, c])), init("s0", np.array([1])), init("s1", np.array([7])),
+             init("ax", np.array([1])), init("st", np.array([2])), init("zero", np.array(0)),
+             init("head_w", rand(c, 5)), init("head_b", rand(5))]
+    for name in ("cls", "bn_b", "bn_m"):  # dead channels stay zero through the class token and the BatchNorm
+        arr = onnx.numpy_helper.to_array(next(t for t in inits if t.name == name)).copy()
+        arr[..., dead] = 0.0
+        inits = [t for t in inits if t.name != name] + [init(name, arr)]
+    nodes = linear("embed", "x", 16, c, "e", inits, dead)
+    nodes.append(helper.make_node("Concat", ["cls", "e"], ["t"], axis=1))
+    nodes += linear("fc", "t", c, c, "f", inits, dead)
+    nodes += [helper.make_node("Relu", ["f"], ["fr"]), helper.make_node("Add", ["t", "fr"], ["s"]),
+              helper.make_node("Reshape", ["s", "flat"], ["s2"]),
+              helper.make_node("BatchNormalization", ["s2", "bn_g", "bn_b", "bn_m", "bn_v"], ["b2"]),
+              helper.make_node("Reshape", ["b2", "tokens"], ["b"]),
+              helper.make_node("Slice", ["b", "s0", "s1", "ax", "st"], ["odd"]),
+              helper.make_node("ReduceMean", ["odd"], ["pool"], axes=[1], keepdims=0),
+              helper.make_node("Gather", ["b", "zero"], ["first"], axis=1),
+              helper.make_node("Add", ["pool", "first"], ["feat"]),
+              helper.make_node("Gemm", ["feat", "head_w", "head_b"], ["y"], name="head")]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 6, 16])], [("y", TensorProto.FLOAT, [1, 5])], inits, opset=13)
+
+
+def test_layout_ops_that_keep_channels_apart_carry_the_token_stream_to_the_head(tmp_path):
+    proto = token_layout_model(dead=range(0, 24, 4))
+    spaces, analysis = spaces_of(proto)
+    stream = spaces["embed"]
+    assert not stream.blocked and spaces["fc"] is stream
+    assert {n.op for n in stream.followers} >= {"Concat", "BatchNormalization"}
+    assert [analysis.axis[t] for t in ("t", "s2", "b", "odd", "pool", "first")] == [2, 1, 2, 2, 1, 1]
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert weight_shape(out, "embed") == (16, 18) and weight_shape(out, "head") == (18, 5)
+    outputs_close(proto, out, feed(proto))
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "Slice", "Concat"])
+def test_layout_ops_across_the_channel_axis_block_it(op):
+    """On features in the last axis, a mean over them (LayerNorm written out), a Slice of them or a Concat
+    along them is not followed: the embedding's channels stay."""
+    inits = [init("starts", np.array([0])), init("ends", np.array([12])), init("axes", np.array([2]))]
+    nodes = linear("embed", "x", 16, 24, "e", inits)
+    if op == "ReduceMean":
+        nodes += [helper.make_node("ReduceMean", ["e"], ["m"], axes=[2]), helper.make_node("Sub", ["e", "m"], ["r"])]
+        width = 24
+    elif op == "Slice":
+        nodes.append(helper.make_node("Slice", ["e", "starts", "ends", "axes"], ["r"]))
+        width = 12
+    else:
+        nodes.append(helper.make_node("Concat", ["e", "e"], ["r"], axis=2))
+        width = 48
+    nodes += linear("fc", "r", width, 5, "y", inits)
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 6, 16])], [("y", TensorProto.FLOAT, [1, 6, 5])], inits)
+    spaces, _ = spaces_of(proto)
+    assert f"({op})" in spaces["embed"].blocked
