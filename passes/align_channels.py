@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import const_value, fresh_name, set_input
-from passes.channel_groups import Space, analyze, channel_params
+from passes.channel_groups import Space, analyze, channel_params, resize_sizes
 from passes.prune_common import prunable_layers, rows_to_weight, weight_rows
 
 NEUTRAL = {"Div": 1.0, "BatchNormalization": (0.0, 0.0, 0.0, 1.0), "InstanceNormalization": (0.0, 0.0)}
@@ -60,6 +60,13 @@ def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
         _pad_constant(graph, node, 2, extra, 0.0, axis=0)
     for node in space.followers:
         _pad_follower(graph, node, space.channels, extra, analysis.axis[node.outputs[0].name])
+    for node in analysis.rewrites:  # a Reshape that regroups the other axes states the channel count
+        out = node.outputs[0].name
+        if node.op == "Reshape" and out in space.tensors:
+            shape = np.array(const_value(node.inputs[1]), dtype=np.int64)
+            if shape[analysis.axis[out]] > 0:
+                shape[analysis.axis[out]] += extra
+                set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_shape"), shape))
     for node, tensor in analysis.consumers:
         if analysis.view[tensor] == [p for p in analysis.view[tensor] if p.space == space.index]:
             w = np.asarray(node.inputs[1].values)
@@ -72,6 +79,10 @@ def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
 def _pad_follower(graph: gs.Graph, node: gs.Node, channels: int, extra: int, axis: int) -> None:
     """Neutral entries for the new channels of a depthwise Conv, a normalization or a per-channel constant."""
     fills = NEUTRAL.get(node.op, 0.0)
+    sizes = resize_sizes(node)
+    if sizes is not None:
+        sizes[1] += extra
+        set_input(node, 3, gs.Constant(fresh_name(graph, node.inputs[3].name + "_aligned"), sizes))
     for i, axis in channel_params(node, channels, axis):
         _pad_constant(graph, node, i, extra, fills[i - 1] if isinstance(fills, tuple) else fills, axis)
     if node.op == "Conv":

@@ -295,7 +295,7 @@ def resize_sizes(node: gs.Node) -> np.ndarray | None:
     """A Resize's constant output `sizes` (torch.export writes them, channel count included), else None."""
     if node.op != "Resize" or len(node.inputs) < 4 or not isinstance(node.inputs[3], gs.Constant):
         return None
-    return np.asarray(node.inputs[3].values, dtype=np.int64)
+    return np.array(node.inputs[3].values, dtype=np.int64)
 
 
 def channel_params(node: gs.Node, channels: int, axis: int = 1) -> list[tuple[int, int]]:

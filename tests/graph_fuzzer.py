@@ -3,7 +3,8 @@
 `random_model(rng)` draws one model (input "x" [1, C, H, W], output "y"): convolutions (plain, strided,
 depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, summed Conv
 branches over one input (RepVGG-style, with a BatchNorm or identity branch), Concat of two branches,
-pooling, nearest Resize, a zero Pad before a Conv, and optionally a classifier head
+pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, MatMul Linear layers,
+GELU), and optionally a classifier head
 (GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
 hypothesis strategy over it.
 """
@@ -58,7 +59,7 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     for _ in range(int(rng.integers(2, 9))):
         c, h, w = shape
         kind = rng.choice(["conv", "depthwise", "grouped", "bn", "act", "residual", "concat", "pool", "resize", "padconv",
-                           "branches"])
+                           "branches", "tokens"])
         if kind == "conv" or (kind == "grouped" and c < 2):
             k = int(rng.choice([1, 3, 5]))
             stride = 2 if h >= 8 and w >= 8 and rng.random() < 0.3 else 1
@@ -113,6 +114,8 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
                 bn = b.node("BatchNormalization", [x_in] + [b.const(n, q) for n, q in zip(("g", "beta", "mean", "var"), params)])
                 x = b.node("Add", [x, bn if rng.random() < 0.5 else x_in])
             shape = (c_out, (h - 1) // stride + 1, (w - 1) // stride + 1)
+        elif kind == "tokens":
+            x = _token_mlp(b, x, c, h, w)
         elif kind == "padconv":
             pads = b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
             padded = b.node("Pad", [x, pads], mode="constant")
@@ -146,6 +149,35 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
+
+
+def _token_mlp(b: _Builder, x: str, c: int, h: int, w: int) -> str:
+    """A ConvNeXt/transformer MLP on channels-last features: Transpose to NHWC (and maybe Reshape to
+    [1, H·W, C]), Linear (MatMul + bias Add), ReLU or GELU in erf form, Linear (bias optional), maybe a
+    layer scale, back to NCHW, maybe added to the block's input."""
+    rng = b.rng
+    hidden = int(rng.integers(1, 17))
+    t = b.node("Transpose", [x], perm=[0, 2, 3, 1])
+    flat = rng.random() < 0.4
+    if flat:
+        t = b.node("Reshape", [t, b.const("shape", np.array([1, h * w, c], np.int64))])
+    u = b.node("Add", [b.node("MatMul", [t, b.const("w", b.weights(hidden, c).T.copy())]),
+                       b.const("b", (rng.standard_normal(hidden) * 0.1).astype(np.float32))])
+    if rng.random() < 0.5:
+        u = b.node("Relu", [u])
+    else:  # 0.5 · u · (1 + erf(u / √2))
+        erf = b.node("Erf", [b.node("Div", [u, b.const("sqrt2", np.array(np.sqrt(2.0), np.float32))])])
+        u = b.node("Mul", [b.node("Mul", [u, b.node("Add", [erf, b.const("one", np.array(1.0, np.float32))])]),
+                           b.const("half", np.array(0.5, np.float32))])
+    v = b.node("MatMul", [u, b.const("w", b.weights(c, hidden).T.copy())])
+    if rng.random() < 0.5:
+        v = b.node("Add", [v, b.const("b", (rng.standard_normal(c) * 0.1).astype(np.float32))])
+    if rng.random() < 0.5:
+        v = b.node("Mul", [v, b.const("gamma", (rng.standard_normal(c) * 0.5).astype(np.float32))])
+    if flat:
+        v = b.node("Reshape", [v, b.const("shape", np.array([1, h, w, c], np.int64))])
+    v = b.node("Transpose", [v], perm=[0, 3, 1, 2])
+    return b.node("Add", [x, v]) if rng.random() < 0.6 else v
 
 
 def cnn_models():

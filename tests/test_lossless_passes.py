@@ -327,6 +327,26 @@ def test_align_channels_pads_depthwise_blocks_with_zero_channels():
     assert next(a.i for a in dw.attribute if a.name == "group") == 16
 
 
+def test_align_channels_pads_a_depthwise_block_read_as_tokens():
+    """expand → depthwise → Transpose → Reshape [1, H·W, C] → Linear (MatMul + Add): padding the depthwise
+    space to 16 also widens the Reshape's channel count and the Linear's weight rows (found by the fuzzer)."""
+    c = 5
+    nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"], name="expand"),
+             helper.make_node("Conv", ["e", "wd", "bd"], ["d"], name="dw", group=c, pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["d"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Reshape", ["t", "tokens"], ["r"]),
+             helper.make_node("MatMul", ["r", "wl"], ["m"], name="linear"), helper.make_node("Add", ["m", "bl"], ["y"])]
+    inits = [init("we", rand(c, 3, 1, 1)), init("be", rand(c)), init("wd", rand(c, 1, 3, 3)), init("bd", rand(c)),
+             init("tokens", np.array([1, 16, c])), init("wl", rand(c, 6)), init("bl", rand(6))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 4, 4])], [("y", TensorProto.FLOAT, None)], inits, opset=14)
+    changed, aligned = run_pass(original, "align-channels")
+    assert changed
+    outputs_close(original, aligned, {"x": rand(1, 3, 4, 4)}, rtol=1e-5)
+    weights = {t.name: list(t.dims) for t in aligned.graph.initializer}
+    linear = next(n for n in aligned.graph.node if n.name == "linear")
+    assert weights[linear.input[1]] == [16, 6]
+
+
 def test_lossless_check_after_a_lossy_pass_compares_with_that_pass_output(tmp_path):
     """prune changes outputs; align-channels after it is held to the pruned model, not to the original."""
     from compiler.api import compile_model
