@@ -264,3 +264,28 @@ def test_layout_ops_across_the_channel_axis_block_it(op):
     proto = model(nodes, [("x", TensorProto.FLOAT, [1, 6, 16])], [("y", TensorProto.FLOAT, [1, 6, 5])], inits)
     spaces, _ = spaces_of(proto)
     assert f"({op})" in spaces["embed"].blocked
+
+
+def test_sparse_pruning_gives_a_bias_free_token_linear_a_bias_add_that_corrects_its_mean(tmp_path):
+    """A bias-free MatMul on tokens has no bias input for the mean shift of its pruned weights: sparse pruning
+    inserts an Add after it (under its output name), and that Add brings the outputs closer to the float's."""
+    from compiler.runtime import run_model
+
+    inits = list(SCALARS)
+    nodes = linear("fc1", "x", 8, 32, "h", inits) + gelu("h", "g")
+    inits.append(init("fc2_w", rand(32, 8, scale=0.3)))
+    nodes.append(helper.make_node("MatMul", ["g", "fc2_w"], ["y"], name="fc2"))
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 5, 8])], [("y", TensorProto.FLOAT, [1, 5, 8])], inits, opset=17)
+    out = pruned(tmp_path, proto, 0.6, mode="sparse", classifier="true")
+    fc2 = next(n for n in out.graph.node if n.name == "fc2")
+    bias_add = next(n for n in out.graph.node if fc2.output[0] in n.input)
+    assert bias_add.op_type == "Add" and bias_add.output[0] == "y"
+    without = onnx.ModelProto()
+    without.CopyFrom(out)
+    for t in without.graph.initializer:
+        if t.name in bias_add.input:
+            t.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(t)), t.name))
+    x = {"x": np.random.default_rng(1).standard_normal((1, 5, 8)).astype(np.float32)}
+    want = run_model(proto, x)[0]
+    error = {name: float(np.abs(run_model(m, x)[0] - want).mean()) for name, m in (("with", out), ("without", without))}
+    assert error["with"] < error["without"], error
