@@ -5,7 +5,7 @@ when the op keeps channels apart (activations, pooling, BatchNormalization, dept
 with a per-channel or scalar constant, Transpose), and all channel-carrying operands of an element-wise op
 (residual Add/Sub, SE Mul gates). The channel axis is 1 (NCHW), except where a MatMul with a constant weight
 writes its features on the last axis (a transformer's Linear on [batch, tokens, features]); element-wise ops
-keep it and Transpose moves it. Each connected component is a channel *space*. A space made of the outputs
+keep it, and Transpose and the other layout ops that keep channels apart move it (see _moved_axis). Each connected component is a channel *space*. A space made of the outputs
 of prunable layers (Conv with group=1, Gemm, MatMul) is a *base* space: removing channel c means removing
 row c of every producer in it. Concat, Split, Slice on the channel axis and Flatten/Reshape
 into features make *derived* tensors whose channels are pieces of base spaces (a view). Any other reader
@@ -31,7 +31,7 @@ NCHW_ONLY = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMax
              "InstanceNormalization", "Resize", "Upsample", "Pad"}  # pass-through only with channels on axis 1
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"}
 REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
-LAYOUT = {"Transpose", "Reshape", "Flatten", "Slice", "Gather", "Concat"} | REDUCE  # see _moved_axis
+LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat"} | REDUCE  # _moved_axis
 DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
 # inputs of these ops, past the first, that are per-channel constants to slice (or not channel-wise at all)
 CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "PRelu": (1,), "Clip": (),
@@ -140,8 +140,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     consumers: list[tuple[gs.Node, str]] = []
     rewrites: list[gs.Node] = []
     channel_tensors: dict[str, gs.Tensor] = {}
-
-    axis_of: dict[str, int] = {}
+    axis_of: dict[str, int] = {}                 # channel tensor -> its channel axis
 
     for t in graph.inputs:
         if channels_of(t):
@@ -357,8 +356,8 @@ def _derives_channels(node: gs.Node) -> bool:
 
 def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) -> int | None:
     """The channel axis of the output of a layout op that keeps every channel apart, or None: a Transpose; a
-    Reshape/Flatten that only regroups the other axes; a Reduce, Slice or Gather (constant indices) over
-    other axes; a Concat of tensors with the same channels (or constants holding one entry per channel, such
+    Reshape/Flatten that only regroups the other axes; a Squeeze/Unsqueeze, Reduce, Slice or Gather (constant
+    indices) over other axes; a Concat of tensors with the same channels (or constants holding one entry per channel, such
     as a class token) along another axis."""
     if not ins or (ins[0] is not node.inputs[0] and node.op != "Concat") or ins[0].shape is None:
         return None
@@ -377,11 +376,22 @@ def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) ->
             return None
         return axis if node.attrs.get("keepdims", 1) else axis - sum(a < axis for a in reduced)
     if node.op == "Slice":
-        bounds = [const_value(t) for t in node.inputs[1:] if t.name]
-        if any(v is None for v in bounds):
+        starts = const_value(node.inputs[1])
+        given = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        axes = const_value(given) if given is not None else None if starts is None else np.arange(len(starts))
+        if starts is None or axes is None or any(const_value(t) is None for t in node.inputs[2:] if t.name):
             return None
-        axes = bounds[2] if len(bounds) > 2 else np.arange(len(bounds[0]))
         return None if axis in {int(a) % rank for a in axes} else axis
+    if node.op in ("Squeeze", "Unsqueeze"):
+        given = node.attrs.get("axes") if "axes" in node.attrs else (
+            const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
+        if given is None:
+            return None
+        if node.op == "Squeeze":
+            gone = {int(a) % rank for a in given}
+            return None if axis in gone else axis - sum(a < axis for a in gone)
+        added = {int(a) % (rank + len(given)) for a in given}
+        return [p for p in range(rank + len(given)) if p not in added][axis]
     if node.op == "Gather":
         indices, at = const_value(node.inputs[1]), node.attrs.get("axis", 0) % rank
         if indices is None or at == axis:

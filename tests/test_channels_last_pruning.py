@@ -207,7 +207,8 @@ def test_sample_vit_loses_mlp_features_through_the_cli_and_keeps_its_accuracy(tm
 def token_layout_model(dead=()):
     """A token stream without LayerNorm, through the layout ops that keep channels apart: embed (Linear) →
     Concat of a class token along the tokens → Linear + ReLU added back → Reshape to [tokens, C] around a
-    BatchNorm (LeViT) → mean of every other token (Slice, ReduceMean) plus the class token (Gather) → Gemm."""
+    BatchNorm (LeViT) → mean of every other token (Slice, ReduceMean) plus the class token (Gather) →
+    Unsqueeze and Squeeze → Gemm."""
     c, dead = 24, list(dead)
     inits = [init("cls", rand(1, 1, c)), init("bn_g", rand(c, scale=0.1) + 1), init("bn_b", rand(c, scale=0.1)),
              init("bn_m", rand(c, scale=0.1)), init("bn_v", np.abs(rand(c)) + 0.5), init("flat", np.array([7, c])),
@@ -229,7 +230,9 @@ def token_layout_model(dead=()):
               helper.make_node("ReduceMean", ["odd"], ["pool"], axes=[1], keepdims=0),
               helper.make_node("Gather", ["b", "zero"], ["first"], axis=1),
               helper.make_node("Add", ["pool", "first"], ["feat"]),
-              helper.make_node("Gemm", ["feat", "head_w", "head_b"], ["y"], name="head")]
+              helper.make_node("Unsqueeze", ["feat", "s0"], ["lifted"]),  # [1, 1, C]
+              helper.make_node("Squeeze", ["lifted", "s0"], ["flat_feat"]),
+              helper.make_node("Gemm", ["flat_feat", "head_w", "head_b"], ["y"], name="head")]
     return model(nodes, [("x", TensorProto.FLOAT, [1, 6, 16])], [("y", TensorProto.FLOAT, [1, 5])], inits, opset=13)
 
 
@@ -239,7 +242,8 @@ def test_layout_ops_that_keep_channels_apart_carry_the_token_stream_to_the_head(
     stream = spaces["embed"]
     assert not stream.blocked and spaces["fc"] is stream
     assert {n.op for n in stream.followers} >= {"Concat", "BatchNormalization"}
-    assert [analysis.axis[t] for t in ("t", "s2", "b", "odd", "pool", "first")] == [2, 1, 2, 2, 1, 1]
+    assert [analysis.axis[t] for t in ("t", "s2", "b", "odd", "pool", "first", "lifted", "flat_feat")] == \
+        [2, 1, 2, 2, 1, 1, 2, 1]
     out = pruned(tmp_path, proto, dead_ratio(proto))
     assert weight_shape(out, "embed") == (16, 18) and weight_shape(out, "head") == (18, 5)
     outputs_close(proto, out, feed(proto))
