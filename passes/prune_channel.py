@@ -69,9 +69,11 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
         small = sum(1 for s in base if not s.blocked and s.channels <= max(round_to, 1))
         aligned = f", {small} already have no more than the target's {round_to}-channel alignment" if small else ""
-        raise UnsupportedModelError(f"channel pruning can remove at most {most / max(total, 1):.0%} of the prunable "
+        fits = np.floor(100 * most / max(total, 1)) / 100
+        raise UnsupportedModelError(f"channel pruning can remove at most {fits:.0%} of the prunable "
                                     f"weights here, not {ratio:.0%}: {len(blocked)} of {len(base)} channel groups "
-                                    f"are blocked{aligned}{why}")
+                                    f"are blocked{aligned}{why}; --prune {fits:.2f} fits, or --prune-mode "
+                                    f"sparse prunes every layer")
     worth = None
     curves = _measured_curves(module, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
     if curves is not None:  # what removing a channel gains: its fraction of the weights plus its fraction of the MACs

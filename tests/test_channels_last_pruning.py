@@ -293,3 +293,14 @@ def test_sparse_pruning_gives_a_bias_free_token_linear_a_bias_add_that_corrects_
     want = run_model(proto, x)[0]
     error = {name: float(np.abs(run_model(m, x)[0] - want).mean()) for name, m in (("with", out), ("without", without))}
     assert error["with"] < error["without"], error
+
+
+def test_a_ratio_the_blocked_stream_leaves_out_of_reach_is_refused_with_the_ratio_that_fits(tmp_path):
+    from compiler.errors import DrpcError
+
+    with pytest.raises(DrpcError) as refused:
+        pruned(tmp_path, convnext_model(), 0.97)
+    message = str(refused.value)
+    most = int(message.split("can remove at most ")[1].split("%")[0])
+    assert f"--prune {most / 100:.2f} fits, or --prune-mode sparse" in message, message
+    pruned(tmp_path, convnext_model(), most / 100)
