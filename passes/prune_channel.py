@@ -244,7 +244,8 @@ def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space]
             weight = np.asarray(node.inputs[1].values, dtype=np.float32)
             rows = weight_rows(node, weight).copy()
             rows[:, np.setdiff1d(np.arange(rows.shape[1]), consumer_columns(analysis, node, tensor, keep))] = 0.0
-            out.update(shifted_inputs(module.graph, node, weight, rows_to_weight(node, rows, weight.shape), stats.get(node.name)))
+            new_w = rows_to_weight(node, rows, weight.shape)
+            out.update(shifted_inputs(module.graph, node, weight, new_w, stats.get(node.name)))
         return out
 
     with ctx.progress("Measuring channel-space sensitivity", len(units)) as advance:
