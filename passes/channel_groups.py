@@ -105,16 +105,16 @@ def _linear_weight(node: gs.Node) -> np.ndarray | None:
     return None if node.op == "MatMul" and w.ndim != 2 else w
 
 
-def _output_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int], rank: int | None) -> int:
-    """The channel axis of the node's outputs: last for a constant-weight MatMul, moved by a Transpose, kept
-    by element-wise ops of equal rank, else 1."""
+def _output_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int], rank: int | None,
+                 moved: int | None) -> int:
+    """The channel axis of the node's outputs: last for a constant-weight MatMul, `moved` by a layout op that
+    keeps channels apart, kept by element-wise ops of equal rank, else 1."""
     if node.op == "MatMul" and rank is not None and _linear_weight(node) is not None:
         return rank - 1
-    if not ins or rank is None:
+    if moved is not None:
+        return moved
+    if not ins or rank is None or node.op in LAYOUT:
         return 1
-    if node.op in LAYOUT:
-        moved = _moved_axis(node, ins, axis_of)
-        return 1 if moved is None else moved
     if (node.op not in PASS_THROUGH and node.op not in ELEMENTWISE) or any(len(t.shape) != rank for t in ins):
         return 1
     wide = [axis_of[t.name] for t in ins if (channels_of(t, axis_of[t.name]) or 0) > 1]  # not a broadcast operand
@@ -151,7 +151,8 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     for node in graph.nodes:
         ins = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in channel_tensors]
         rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
-        axis = _output_axis(node, ins, axis_of, rank)
+        moved = _moved_axis(node, ins, axis_of) if node.op in LAYOUT else None
+        axis = _output_axis(node, ins, axis_of, rank, moved)
         outs = [t for t in node.outputs if channels_of(t, axis)]
         for t in outs:
             channel_tensors[t.name] = t
@@ -219,7 +220,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             if op in ("Split", "Slice", "Reshape"):
                 rewrites.append(node)
             continue
-        if op in LAYOUT and outs and _moved_axis(node, ins, axis_of) == axis:
+        if moved is not None and outs:
             for t in ins:
                 links.add_edge(t.name, outs[0].name)
             if op == "Reshape":
