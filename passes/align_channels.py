@@ -83,8 +83,8 @@ def _pad_follower(graph: gs.Graph, node: gs.Node, channels: int, extra: int, axi
     if sizes is not None:
         sizes[1] += extra
         set_input(node, 3, gs.Constant(fresh_name(graph, node.inputs[3].name + "_aligned"), sizes))
-    for i, axis in channel_params(node, channels, axis):
-        _pad_constant(graph, node, i, extra, fills[i - 1] if isinstance(fills, tuple) else fills, axis)
+    for i, along in channel_params(node, channels, axis):
+        _pad_constant(graph, node, i, extra, fills[i - 1] if isinstance(fills, tuple) else fills, along)
     if node.op == "Conv":
         node.attrs["group"] = channels + extra
 

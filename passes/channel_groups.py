@@ -427,8 +427,8 @@ def _regrouped_axis(node: gs.Node, axis: int) -> int | None:
     before = int(np.prod(x.shape[:axis]))
     for b in range(len(out.shape)):
         if int(np.prod(out.shape[:b])) == before and out.shape[b] == x.shape[axis]:
-            copies = [] if target is None else [j for j, v in enumerate(target) if v == 0]
-            return None if axis in copies and b != axis else b  # a 0 copies the input's dim at its index
+            copies = set() if target is None else {j for j, v in enumerate(target) if v == 0}
+            return None if b != axis and copies & {axis, b} else b  # a 0 copies the input's dim at its index
         if int(np.prod(out.shape[:b])) > before:
             return None
     return None

@@ -304,3 +304,15 @@ def test_a_ratio_the_blocked_stream_leaves_out_of_reach_is_refused_with_the_rati
     most = int(message.split("can remove at most ")[1].split("%")[0])
     assert f"--prune {most / 100:.2f} fits, or --prune-mode sparse" in message, message
     pruned(tmp_path, convnext_model(), most / 100)
+
+
+def test_a_reshape_whose_zero_would_copy_another_axis_in_place_of_the_channels_blocks_them():
+    """[1, 4 tokens, 4 features] → Reshape [4, 0]: the 0 copies the token count into the features' place, so
+    after pruning it would no longer state the channel count; the embedding's channels stay."""
+    inits = [init("target", np.array([4, 0])), init("head_w", rand(4, 5)), init("head_b", rand(5))]
+    nodes = linear("embed", "x", 8, 4, "e", inits) + [
+        helper.make_node("Reshape", ["e", "target"], ["r"]),
+        helper.make_node("Gemm", ["r", "head_w", "head_b"], ["y"], name="head")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 4, 8])], [("y", TensorProto.FLOAT, [4, 5])], inits)
+    spaces, _ = spaces_of(proto)
+    assert "(Reshape)" in spaces["embed"].blocked
