@@ -141,3 +141,52 @@ def _add_to_matmul_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> No
     bias = gs.Constant(fresh_name(graph, node.name + "_bias_corrected"), shift.astype(np.float32))
     add = gs.Node("Add", name=fresh_name(graph, node.name + "_bias"), inputs=[product, bias], outputs=[out])
     graph.nodes.insert(next(i for i, n in enumerate(graph.nodes) if n is node) + 1, add)
+
+
+def _shape_piece(node: gs.Node, index: int) -> tuple[gs.Node, int, int] | None:
+    """Where entry `index` of a Reshape's target shape is a constant: (node whose input it is, input index,
+    position in that constant); the Reshape itself for a constant target, else the Concat that builds the
+    target from 1-D pieces (a dynamic batch size beside constant feature counts)."""
+    target = node.inputs[1]
+    if const_value(target) is not None:
+        return node, 1, index
+    concat = producer(target)
+    if concat is None or concat.op != "Concat":
+        return None
+    start = 0
+    for i, piece in enumerate(concat.inputs):
+        length = piece.shape[0] if piece.shape is not None and len(piece.shape) == 1 else None
+        if not isinstance(length, int):
+            return None
+        if start <= index < start + length:
+            return (concat, i, index - start) if const_value(piece) is not None else None
+        start += length
+    return None
+
+
+def shape_entry(node: gs.Node, index: int) -> int | None:
+    """Entry `index` of a Reshape's target shape when it is a constant, else None (see `_shape_piece`)."""
+    found = _shape_piece(node, index)
+    return None if found is None else int(const_value(found[0].inputs[found[1]]).reshape(-1)[found[2]])
+
+
+def set_shape_entry(graph: gs.Graph, node: gs.Node, index: int, value: int) -> bool:
+    """Set entry `index` of a Reshape's target shape to `value` where it is a constant (see `_shape_piece`);
+    an entry of -1 (inferred) or 0 (copied) is left as it is. False when the entry is not a constant."""
+    found = _shape_piece(node, index)
+    if found is None:
+        return False
+    owner, i, at = found
+    values = np.array(const_value(owner.inputs[i]), dtype=np.int64)
+    flat = values.reshape(-1)
+    if flat[at] <= 0 or flat[at] == value:
+        return True
+    flat[at] = value
+    if owner is not node and len(node.inputs[1].outputs) > 1:  # a target other Reshapes read too: this one's own copy
+        target = gs.Variable(fresh_name(graph, node.inputs[1].name), dtype=np.int64, shape=node.inputs[1].shape)
+        owner = gs.Node("Concat", name=fresh_name(graph, owner.name), attrs=dict(owner.attrs),
+                        inputs=list(owner.inputs), outputs=[target])
+        graph.nodes.insert(next(k for k, n in enumerate(graph.nodes) if n is node), owner)
+        node.inputs[1] = target
+    set_input(owner, i, gs.Constant(fresh_name(graph, node.name + "_shape"), values))
+    return True

@@ -59,6 +59,7 @@ class Space:
     followers: list[gs.Node] = field(default_factory=list)     # depthwise Conv, BN, per-channel constants
     blocked: str = ""
     view: list[Piece] | None = None                           # set for a derived space
+    block: int = 1                                            # features per channel: an attention head's width
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ChannelAnalysis:
     consumers: list[tuple[gs.Node, str]]               # (layer, input tensor) whose input columns follow a view
     rewrites: list[gs.Node]                            # Split / Slice / Reshape whose constants follow a view
     axis: dict[str, int] = field(default_factory=dict)  # channel tensor -> its channel axis
+    heads: list[tuple[gs.Node, int, int]] = field(default_factory=list)  # (split Reshape, head entry, space)
 
     def base(self) -> list[Space]:
         return [s for s in self.spaces if s.view is None]
@@ -141,6 +143,11 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     rewrites: list[gs.Node] = []
     channel_tensors: dict[str, gs.Tensor] = {}
     axis_of: dict[str, int] = {}                 # channel tensor -> its channel axis
+    from passes.attention_heads import head_regions  # builds on this module's axis rules
+    regions = head_regions(graph)
+    inside = {id(n) for r in regions for n in r.nodes + [s.node for s in r.splits]}
+    merges = {id(m.node): (r, m) for r in regions for m in r.merges}
+    split_inputs = {s.node.inputs[0].name for r in regions for s in r.splits}
 
     for t in graph.inputs:
         if channels_of(t):
@@ -150,6 +157,16 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             links.add_node(t.name)
     for node in graph.nodes:
         ins = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in channel_tensors]
+        if id(node) in inside:  # an attention head region: its split reads the projection's channels as heads
+            blocks.extend((t.name, f"'{node.name}' ({node.op}) reads the channels of '{t.name}'")
+                          for t in ins if t.name not in split_inputs)
+            continue
+        if id(node) in merges:  # ... and its merge writes the heads as the output projection's input channels
+            out = node.outputs[0]
+            channel_tensors[out.name], axis_of[out.name], derived[out.name] = out, len(out.shape) - 1, node
+            links.add_node(out.name)
+            rewrites.append(node)
+            continue
         rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
         moved = _moved_axis(node, ins, axis_of) if node.op in LAYOUT else None
         axis = _output_axis(node, ins, axis_of, rank, moved)
@@ -240,11 +257,16 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             if name in channel_tensors:
                 blocks.append((name, f"'{name}' is read inside the subgraph of '{node.name}' ({node.op})"))
 
+    layout, conflict = _head_layouts(regions, links)
     spaces: list[Space] = []
     space_of: dict[str, int] = {}
     for comp in sorted(nx.connected_components(links), key=min):
         names = sorted(comp)
+        region = layout[names[0]][0] if names[0] in layout else None
         space = Space(len(spaces), channels_of(channel_tensors[names[0]], axis_of[names[0]]) or 0, names)
+        if region is not None:
+            space.channels, space.block = region.heads, _head_block(region)
+            space.blocked = next((conflict[n] for n in names if n in conflict), "")
         for n in names:
             space_of[n] = space.index
             space.followers.extend(followers.get(n, []))
@@ -258,10 +280,17 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         spaces.append(space)
 
     view: dict[str, list[Piece]] = {}
+    heads = [(s.node, s.entry, space_of[s.node.inputs[0].name]) for r in regions for s in r.splits
+             if s.node.inputs[0].name in space_of]
     for node in graph.nodes:  # topological: views of derived tensors from their inputs' views
         for t in node.outputs:
             if t.name in derived and t.name not in view:
-                v = _derived_view(node, t, view, space_of, spaces)
+                if id(node) in merges:
+                    region, merge = merges[id(node)]
+                    first = space_of.get(region.splits[0].node.inputs[0].name)
+                    v = None if first is None else [Piece(first, 0, region.heads, merge.block)]
+                else:
+                    v = _derived_view(node, t, view, space_of, spaces)
                 s = spaces[space_of[t.name]]
                 if v is None or s.blocked:
                     reason = s.blocked or f"'{node.name}' ({node.op}) splits channels in a way the analysis does not follow"
@@ -273,7 +302,9 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         for t in node.outputs:
             if t.name in space_of and t.name not in view and spaces[space_of[t.name]].view is None:
                 s = spaces[space_of[t.name]]
-                view[t.name] = [Piece(s.index, 0, s.channels)]
+                split = layout[t.name][1] if t.name in layout else None  # q, k and v: heads of `block` in a row
+                view[t.name] = [Piece(s.index, 0, s.channels, split.block)] * split.repeats if split else \
+                    [Piece(s.index, 0, s.channels)]
     for t in graph.inputs:
         if t.name in space_of:
             s = spaces[space_of[t.name]]
@@ -284,11 +315,43 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
                 spaces[piece.space].blocked = reason
         if name in space_of and not spaces[space_of[name]].blocked:
             spaces[space_of[name]].blocked = reason
+    for r in regions:  # per-head constants inside a region (a relative position bias) follow the heads
+        if r.splits[0].node.inputs[0].name in space_of:
+            s = spaces[space_of[r.splits[0].node.inputs[0].name]]
+            for f in r.followers:
+                s.followers.append(f)
+                view[f.outputs[0].name], axis_of[f.outputs[0].name] = [Piece(s.index, 0, s.channels)], r.axis[f.outputs[0].name]
     for s in spaces:
         if s.view is None and not s.producers and not s.blocked:
             s.blocked = "no prunable layer produces these channels"
     usable = [(n, t) for n, t in consumers if t in view and all(p.space >= 0 for p in view[t])]
-    return ChannelAnalysis(spaces, view, usable, rewrites, axis_of)
+    return ChannelAnalysis(spaces, view, usable, rewrites, axis_of, heads)
+
+
+def _head_layouts(regions, links: nx.Graph) -> tuple[dict[str, tuple], dict[str, str]]:
+    """Per channel tensor indexed like the input of an attention region's split Reshape: (region, split); and
+    the tensors whose heads two splits read differently, with why. Links the inputs of one region's splits
+    (separate q, k and v projections), whose heads go together."""
+    layout: dict[str, tuple] = {}
+    conflict: dict[str, str] = {}
+    for r in regions:
+        names = [s.node.inputs[0].name for s in r.splits if s.node.inputs[0].name in links]
+        for s in r.splits:
+            x = s.node.inputs[0].name
+            if x not in links:
+                continue
+            for name in nx.node_connected_component(links, x):
+                seen = layout.get(name)
+                if seen is not None and (seen[0] is not r or (seen[1].repeats, seen[1].block) != (s.repeats, s.block)):
+                    conflict[name] = f"'{seen[1].node.name}' and '{s.node.name}' split the heads of '{name}' differently"
+                layout[name] = (r, s)
+        links.add_edges_from(zip(names, names[1:]))
+    return layout, conflict
+
+
+def _head_block(region) -> int:
+    """Features per head common to every tensor of the region (what a channel-count alignment must divide)."""
+    return int(np.gcd.reduce([s.block for s in region.splits] + [m.block for m in region.merges]))
 
 
 def resize_sizes(node: gs.Node) -> np.ndarray | None:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
-from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input
+from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input, set_shape_entry
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
 from passes.prune_common import bias_constant, layer_statistics, rows_to_weight, shifted_inputs, weight_rows
 from passes.prune_sensitivity import measured_curves
@@ -55,7 +55,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         raise UnsupportedModelError(f"channel pruning removes output channels of Conv (group 1), Gemm and MatMul "
                                     f"layers, and none of this model's prunable layers ({kinds}) is one; use "
                                     f"--prune-mode sparse")
-    usable = [s for s in base if not s.blocked and s.channels > max(round_to, 1)]
+    usable = [s for s in base if not s.blocked and s.channels > _step(s, round_to)]
     total = sum(int(n.inputs[1].values.size) for n in layers)
     consumers = analysis.consumers
     stats = layer_statistics(module, ctx, [n for n, _ in consumers]) if data_driven else {}
@@ -67,7 +67,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     if most < ratio * total * 0.98:
         blocked = [s for s in base if s.blocked]
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
-        small = sum(1 for s in base if not s.blocked and s.channels <= max(round_to, 1))
+        small = sum(1 for s in base if not s.blocked and s.channels <= _step(s, round_to))
         aligned = f", {small} already have no more than the target's {round_to}-channel alignment" if small else ""
         fits = np.floor(100 * most / max(total, 1)) / 100
         raise UnsupportedModelError(f"channel pruning can remove at most {fits:.0%} of the prunable "
@@ -109,9 +109,8 @@ def _channel_cost(analysis: ChannelAnalysis, space: Space, macs: bool = False) -
     """Weights (or, with `macs`, multiply-accumulates) removed with one channel of `space`: producer rows,
     follower slices, consumer columns."""
     scale = _positions if macs else (lambda node: 1)
-    cost = sum((int(np.asarray(p.inputs[1].values).size // np.asarray(p.inputs[1].values).shape[0])
-                if p.op == "Conv" else int(weight_rows(p, np.asarray(p.inputs[1].values)).shape[1])) * scale(p)
-               for p in space.producers)
+    cost = sum(int(weight_rows(p, np.asarray(p.inputs[1].values)).shape[1]) * _rows_per_channel(analysis, space, p)
+               * scale(p) for p in space.producers)
     cost += sum(int(np.asarray(f.inputs[1].values)[0].size) * scale(f) for f in space.followers if f.op == "Conv")
     for node, tensor in analysis.consumers:
         rows = int(weight_rows(node, np.asarray(node.inputs[1].values)).shape[0])
@@ -126,24 +125,40 @@ def _scores(analysis: ChannelAnalysis, space: Space, stats, data_driven: bool) -
     norm of its producers' filters (the magnitude baseline); normalized to mean 1 within the space."""
     c = space.channels
     if not data_driven:
-        s = sum(np.abs(np.asarray(p.inputs[1].values)).reshape(c, -1).sum(axis=1) if p.op == "Conv"
-                else np.abs(weight_rows(p, np.asarray(p.inputs[1].values))).sum(axis=1) for p in space.producers)
+        s = sum(_per_channel(analysis.view[p.outputs[0].name], space, np.abs(
+            weight_rows(p, np.asarray(p.inputs[1].values))).sum(axis=1)) for p in space.producers)
         return s / max(float(np.mean(s)), 1e-12)
     energy = np.zeros(c)
     for node, tensor in analysis.consumers:
-        per = columns_per_position(node)
         rows = weight_rows(node, np.asarray(node.inputs[1].values, dtype=np.float64))
         st = stats.get(node.name)
         power = np.diag(st.hessians[0]) / max(st.count, 1) if st is not None and st.groups == 1 else np.ones(rows.shape[1])
-        col_energy = (rows**2).sum(axis=0) * power
-        pos = 0
-        for p in analysis.view[tensor]:
-            if p.space == space.index:
-                span = col_energy[pos * per:(pos + p.length * p.block) * per].reshape(p.length, -1).sum(axis=1)
-                energy[p.start:p.start + p.length] += span
-            pos += p.length * p.block
+        col_energy = ((rows**2).sum(axis=0) * power).reshape(-1, columns_per_position(node)).sum(axis=1)
+        energy += _per_channel(analysis.view[tensor], space, col_energy)
     s = np.sqrt(energy)
     return s / max(float(np.mean(s)), 1e-12)
+
+
+def _per_channel(view, space: Space, values: np.ndarray) -> np.ndarray:
+    """Sum per channel of `space` of per-position `values` of a tensor with channels `view`."""
+    out, pos = np.zeros(space.channels), 0
+    for p in view:
+        if p.space == space.index:
+            out[p.start:p.start + p.length] += values[pos:pos + p.length * p.block].reshape(p.length, -1).sum(axis=1)
+        pos += p.length * p.block
+    return out
+
+
+def _rows_per_channel(analysis: ChannelAnalysis, space: Space, node: gs.Node) -> int:
+    """Output rows of a producer that one channel of `space` stands for: 1, or q, k and v of an attention head."""
+    return sum(p.block for p in analysis.view[node.outputs[0].name] if p.space == space.index)
+
+
+def _step(space: Space, round_to: int) -> int:
+    """Channels of `space` removed (and at least kept) together so every count stays a multiple of `round_to`:
+    for attention heads of `block` features, round_to / gcd(round_to, block) heads."""
+    step = max(round_to, 1)
+    return step // int(np.gcd(step, space.block))
 
 
 def _removed_weights(analysis: ChannelAnalysis, layers: list[gs.Node], drop: dict[int, list[int]]) -> int:
@@ -172,8 +187,8 @@ def _removed_weights(analysis: ChannelAnalysis, layers: list[gs.Node], drop: dic
 
 def _units(space: Space, scores: np.ndarray, round_to: int) -> list[np.ndarray]:
     """The space's removable channels, lowest score first, in units of `round_to` (a first, smaller unit brings
-    the count to a multiple of it); at least `round_to` channels are never removable."""
-    step = max(round_to, 1)
+    the count to a multiple of it); at least `round_to` channels are never removable (see `_step`)."""
+    step = _step(space, round_to)
     removable = np.argsort(scores, kind="stable")[:space.channels - step]
     first = len(removable) % step or step
     return [u for u in [removable[:first]] + [removable[k:k + step] for k in range(first, len(removable), step)]
@@ -237,7 +252,7 @@ def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space]
     def prune(key: str, fraction: float) -> dict[str, np.ndarray]:
         space = analysis.spaces[int(key)]
         order = np.argsort(scores[space.index], kind="stable")
-        count = min(int(round(fraction * space.channels)), max(space.channels - max(round_to, 1), 0))
+        count = min(int(round(fraction * space.channels)), max(space.channels - _step(space, round_to), 0))
         keep = {space.index: np.sort(order[count:])}
         out = {}
         for node, tensor in readers[space.index]:
@@ -255,7 +270,8 @@ def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space]
 
 def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], stats, ctx) -> None:
     """Slice producers, followers and consumers to the kept channels; refit consumers; fix Split/Slice/Reshape."""
-    rows_kept = {id(p): (p, keep[s.index]) for s in analysis.base() if s.index in keep for p in s.producers}
+    rows_kept = {id(p): (p, kept_positions(analysis.view[p.outputs[0].name], keep))
+                 for s in analysis.base() if s.index in keep for p in s.producers}
     cols_kept = {}
     for node, tensor in analysis.consumers:
         if any(p.space in keep for p in analysis.view[tensor]):
@@ -291,6 +307,11 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
                 _slice_follower(graph, f, kept_positions(view, keep), analysis.axis[f.outputs[0].name])
     for node in analysis.rewrites:
         _rewrite_offsets(graph, analysis, node, keep)
+    for node, entry, space in analysis.heads:
+        if space in keep:
+            set_shape_entry(graph, node, entry, len(keep[space]))
+            for p in analysis.spaces[space].producers if ctx is not None else ():
+                ctx.layer(p.name, heads_before=analysis.spaces[space].channels, heads_after=len(keep[space]))
 
 
 def _slice_follower(graph, node: gs.Node, kept: np.ndarray, axis: int) -> None:
@@ -332,11 +353,8 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
         set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_starts"), starts))
         set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_ends"), ends))
     elif node.op == "Reshape":
-        shape = np.array(const_value(node.inputs[1]), dtype=np.int64)
-        axis = analysis.axis[node.outputs[0].name]
-        if shape[axis] > 0:
-            shape[axis] = len(kept_positions(analysis.view[node.outputs[0].name], keep))
-            set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_shape"), shape))
+        out = node.outputs[0].name
+        set_shape_entry(graph, node, analysis.axis[out], len(kept_positions(analysis.view[out], keep)))
 
 
 def _refit(rows: np.ndarray, cols: np.ndarray, stats) -> tuple[np.ndarray, np.ndarray | None]:

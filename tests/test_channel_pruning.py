@@ -54,7 +54,7 @@ def dead_ratio(proto) -> float:
     """Just under the fraction of prunable weights that removing every dead channel frees."""
     from compiler.ir import Module
     from passes.channel_groups import analyze
-    from passes.prune_channel import _removed_weights
+    from passes.prune_channel import _per_channel, _removed_weights
     from passes.prune_common import prunable_layers, weight_rows
 
     module = Module.from_proto(proto)
@@ -63,9 +63,11 @@ def dead_ratio(proto) -> float:
     analysis = analyze(module.graph, layers)
     dead = {}
     for space in analysis.base():
-        rows = [weight_rows(p, np.asarray(p.inputs[1].values)) for p in space.producers]
-        if rows:
-            dead[space.index] = np.flatnonzero(np.all([np.all(r == 0, axis=1) for r in rows], axis=0))
+        live = sum(_per_channel(analysis.view[p.outputs[0].name], space,  # rows of a channel (q, k, v of a head)
+                                np.any(weight_rows(p, np.asarray(p.inputs[1].values)) != 0, axis=1).astype(float))
+                   for p in space.producers)
+        if space.producers:
+            dead[space.index] = np.flatnonzero(live == 0)
     freed = _removed_weights(analysis, layers, dead)
     return 0.99 * freed / sum(int(np.asarray(n.inputs[1].values).size) for n in layers)
 

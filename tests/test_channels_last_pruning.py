@@ -82,7 +82,8 @@ def weight_shape(proto, node_name):
 
 
 def spaces_of(proto):
-    module = Module.from_proto(onnx.shape_inference.infer_shapes(proto))
+    module = Module.from_proto(proto)
+    module.infer_shapes()  # as the pipeline does: with data propagation, so shapes built from Shape() resolve
     analysis = analyze(module.graph, prunable_layers(module.graph, True, False))
     return {p.name: s for s in analysis.base() for p in s.producers}, analysis
 
@@ -181,8 +182,8 @@ def test_a_bias_free_token_linear_gets_a_bias_add_for_the_removed_features_mean(
 
 def test_sample_vit_loses_mlp_features_through_the_cli_and_keeps_its_accuracy(tmp_path):
     """The shipped vision transformer (models/make_vit_sample.py, trained on MNIST): channel pruning at 0.5
-    takes features out of every MLP's hidden layer (its attention and residual stream stay whole: the
-    analysis does not follow heads, and LayerNorm reads the stream) and keeps test accuracy."""
+    takes features out of every MLP's hidden layer (the residual stream stays whole: LayerNorm reads it; an
+    attention loses whole heads or none) and keeps test accuracy."""
     import json
     from pathlib import Path
 
@@ -196,7 +197,7 @@ def test_sample_vit_loses_mlp_features_through_the_cli_and_keeps_its_accuracy(tm
     layers = {l["name"]: l for l in json.loads((out / "deploy.json").read_text())["layers"]}
     hidden = [layers[f"/blocks/blocks.{b}/fc1/MatMul"] for b in range(4)]
     assert all(l["channels_after"] < l["channels_before"] == 192 for l in hidden), hidden
-    assert all("channels_after" not in layers[f"/blocks/blocks.{b}/qkv/MatMul"] for b in range(4))
+    assert all(layers[f"/blocks/blocks.{b}/qkv/MatMul"].get("channels_after", 192) % 48 == 0 for b in range(4))
     with np.load(root / "mnist_test.npz") as t:
         x, y = t["input"][:500], t["labels"][:500]
     accuracy = {p: float(np.mean(run_model(onnx.load(str(p)), {"input": x})[0].argmax(1) == y))

@@ -1,0 +1,217 @@
+"""Attention heads as channels: the part of a multi-head attention block where every op keeps the heads apart.
+
+An attention block reshapes its q/k/v projection's features [..., C] into [..., (3,) H, D] (a *split*
+Reshape), works per head (MatMuls batched over the head axis, scaling, per-head biases, softmax over tokens),
+and reshapes [..., H, D'] back into features [..., H·D'] (a *merge* Reshape) that the output projection reads.
+When slice h of every op's output there depends only on slice h of its inputs, removing head h (its rows of
+the projections before, its columns of the projection after, its entries of per-head constants) leaves every
+other head's values exactly as they were. `head_regions` finds such regions: tensors each with a head axis,
+closed under every op that reads or writes them, bounded by split and merge Reshapes whose head count can be
+rewritten. One op it cannot prove head-separable (a Shape, a Reshape mixing heads with tokens, a reduction over
+heads) and the region is not returned, so the projections' channels stay blocked as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compiler.rewrite import const_value, producer, shape_entry
+from passes.channel_groups import ELEMENTWISE, NCHW_ONLY, PASS_THROUGH, _moved_axis
+
+UNARY = (PASS_THROUGH - NCHW_ONLY) | {"Softmax", "LogSoftmax", "Split", "Transpose", "Squeeze", "Unsqueeze",
+                                      "Slice", "Gather", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
+
+
+@dataclass
+class HeadSplit:
+    """A Reshape [..., C] → [..., d1, .., dk] whose output axis `entry` is the heads: channel c of its input is
+    head (c // block) % heads, each head's `block` channels in a row, the pattern repeated `repeats` times
+    (q, k and v of a fused projection)."""
+
+    node: gs.Node
+    entry: int
+    repeats: int
+    block: int
+
+
+@dataclass
+class HeadMerge:
+    """A Reshape [..., H, d..] → [..., H·block]: feature f of its output belongs to head f // block."""
+
+    node: gs.Node
+    block: int
+
+
+@dataclass
+class HeadRegion:
+    heads: int
+    splits: list[HeadSplit] = field(default_factory=list)
+    merges: list[HeadMerge] = field(default_factory=list)
+    axis: dict[str, int] = field(default_factory=dict)          # tensor inside the region -> its head axis
+    nodes: list[gs.Node] = field(default_factory=list)          # the ops inside (not the splits and merges)
+    followers: list[gs.Node] = field(default_factory=list)      # ops inside with a per-head constant
+
+
+def head_regions(graph: gs.Graph) -> list[HeadRegion]:
+    """Every head-separable attention region of `graph`, found from its merge Reshapes."""
+    readers: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            readers.setdefault(t.name, []).append(node)
+    outputs = {t.name for t in graph.outputs}
+    regions, merged = [], set()
+    for node in graph.nodes:
+        if node.op != "Reshape" or id(node) in merged:
+            continue
+        p = _merge_axis(node)
+        region = None if p is None else _grow(node.inputs[0], p, readers, outputs)
+        if region is not None:
+            regions.append(region)
+            merged |= {id(m.node) for m in region.merges}
+    return regions
+
+
+def _same(a, b) -> bool:
+    return a == b and a is not None
+
+
+def _merge_axis(node: gs.Node) -> int | None:
+    """The head axis of a Reshape's input when it merges that axis and all after it into its output's last axis
+    (keeping the axes before it), and that output's feature count is a rewritable constant or -1."""
+    x, y = node.inputs[0].shape, node.outputs[0].shape
+    if x is None or y is None or not isinstance(y[-1], int) or len(x) < len(y) + 1 or node.attrs.get("allowzero", 0):
+        return None
+    p = len(y) - 1
+    if not all(_same(a, b) for a, b in zip(x[:p], y[:p])) or not all(isinstance(d, int) for d in x[p:]):
+        return None
+    if int(np.prod(x[p:])) != y[-1] or x[p] < 2 or len(x) - p != 2:
+        return None
+    entry = shape_entry(node, len(y) - 1)
+    return p if entry is not None else None
+
+
+def _split(node: gs.Node, axis: int, heads: int) -> HeadSplit | None:
+    """The split Reshape writing a tensor whose head axis is `axis`, or None when it is not one."""
+    x, y = node.inputs[0].shape, node.outputs[0].shape
+    if x is None or y is None or node.attrs.get("allowzero", 0) or not isinstance(x[-1], int):
+        return None
+    r = len(x) - 1
+    if not all(_same(a, b) for a, b in zip(x[:r], y[:r])) or axis < r or not all(isinstance(d, int) for d in y[r:]):
+        return None
+    if int(np.prod(y[r:])) != x[-1] or y[axis] != heads or shape_entry(node, axis) is None:
+        return None
+    return HeadSplit(node, axis, int(np.prod(y[r:axis])), int(np.prod(y[axis + 1:])))
+
+
+def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion | None:
+    """The region around `start` (head axis `axis`): every tensor reached through head-separable ops, with its
+    head axis; None as soon as one op is not head-separable or a region tensor leaves the region."""
+    heads = start.shape[axis]
+    region = HeadRegion(heads)
+    region.axis[start.name] = axis
+    queue, seen = [start], set()
+    while queue:
+        t = queue.pop()
+        if t.name in outputs:
+            return None
+        for node in [producer(t)] + readers.get(t.name, []):
+            if node is None:
+                return None  # a graph input
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            a = region.axis[t.name]
+            if node.op == "Reshape" and node.inputs[0] is t:
+                if _merge_axis(node) != a:
+                    return None
+                region.merges.append(HeadMerge(node, int(np.prod(t.shape[a + 1:]))))
+                continue
+            if node.op == "Reshape" and node.outputs[0] is t:
+                split = _split(node, a, heads)
+                if split is None:
+                    return None
+                region.splits.append(split)
+                continue
+            linked = _head_axes(node, t, a, heads)
+            if linked is None:
+                return None
+            axes, per_head = linked
+            for other, b in axes:
+                if other.name in region.axis:
+                    if region.axis[other.name] != b:
+                        return None
+                    continue
+                if other.shape is None or other.shape[b] != heads:
+                    return None
+                region.axis[other.name] = b
+                queue.append(other)
+            region.nodes.append(node)
+            if per_head:
+                region.followers.append(node)
+    return region if region.splits and region.merges else None
+
+
+def _head_axes(node: gs.Node, t: gs.Tensor, a: int, heads: int) -> tuple[list[tuple[gs.Tensor, int]], bool] | None:
+    """For a node reading or writing `t` (head axis `a`): the head axis of each of its other tensors that
+    carries heads, and whether it has a per-head constant; None when the op is not head-separable."""
+    if node.domain or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+        return None
+    if node.op in UNARY:
+        x = node.inputs[0]
+        if x.shape is None or any(i is not x and i.name and const_value(i) is None for i in node.inputs):
+            return None
+        if t is x:
+            b = _forward(node, a)
+            return None if b is None else ([(o, b) for o in node.outputs if o.name], False)
+        candidates = [i for i in range(len(x.shape)) if _forward(node, i) == a]
+        if len(candidates) != 1:
+            return None
+        return [(x, candidates[0])] + [(o, a) for o in node.outputs if o.name and o is not t], False
+    if node.op == "MatMul":
+        xs = node.inputs + node.outputs
+        ranks = {len(i.shape) if i.shape is not None else None for i in xs}
+        if any(not isinstance(i, gs.Variable) for i in node.inputs) or len(ranks) != 1 or None in ranks \
+                or a >= len(t.shape) - 2:
+            return None
+        return [(i, a) for i in xs if i is not t], False
+    if node.op in ELEMENTWISE:
+        out = node.outputs[0]
+        if out.shape is None or t.shape is None:
+            return None
+        rank = len(out.shape)
+        at = a + rank - len(t.shape)  # the head axis in the output's frame (numpy broadcasting aligns the last axes)
+        axes, per_head = [], False
+        for i in list(node.inputs) + [out]:
+            shape = np.asarray(i.values).shape if isinstance(i, gs.Constant) else i.shape
+            if i is t or shape is None and const_value(i) is not None:
+                continue
+            if shape is None:
+                return None
+            k = at - (rank - len(shape))
+            size = shape[k] if k >= 0 else 1
+            if size == 1:
+                continue
+            if size != heads:
+                return None
+            if const_value(i) is not None:
+                per_head = True
+            else:
+                axes.append((i, k))
+        return axes, per_head
+    return None
+
+
+def _forward(node: gs.Node, a: int) -> int | None:
+    """The head axis of a one-input op's outputs when its input's is `a`, or None when the op mixes heads."""
+    x = node.inputs[0]
+    rank = len(x.shape)
+    if node.op in ("Softmax", "LogSoftmax"):
+        return a if node.attrs.get("axis", -1) % rank != a else None
+    if node.op == "Split":
+        return a if node.attrs.get("axis", 0) % rank != a else None
+    if node.op in PASS_THROUGH:
+        return a
+    return _moved_axis(node, [x], {x.name: a})

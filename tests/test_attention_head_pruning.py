@@ -1,0 +1,147 @@
+"""Channel pruning of whole attention heads (passes/attention_heads.py): a head's q, k and v rows of the
+projection(s) before the attention, its columns of the output projection, and its entries of per-head
+constants go together, and the split and merge Reshapes state one head fewer.
+
+A "dead" head has zero q, k and v weights and biases: its attention is uniform over zero values, so it adds
+nothing, and removing it must leave the outputs as onnxruntime computes them on the original model.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from compiler.runtime import run_model
+from graphs import init, model, outputs_close, rand
+from passes.channel_groups import Piece, Space
+from passes.prune_channel import _step
+from test_channel_pruning import dead_ratio, feed, pruned
+from test_channels_last_pruning import linear, norm, spaces_of, weight_shape
+
+T, C, H, D = 6, 16, 4, 4  # tokens, features, heads, head width
+
+
+def head_columns(heads, parts=3):
+    """Feature indices of `heads` in a projection writing `parts` (q, k, v) blocks of H heads of D features."""
+    return [p * C + h * D + d for p in range(parts) for h in heads for d in range(D)]
+
+
+def fused_attention_model(dead=(), softmax_axis=-1):
+    """Pre-norm attention as timm writes it, on x[1, T, C]: LayerNorm → qkv Linear → Reshape [1, T, 3, H, D] →
+    Transpose [3, 1, H, T, D] → Split + Squeeze into q, k, v → q·kᵀ → scale → + relative position bias [H, T, T]
+    → Softmax → ·v → Transpose → Reshape [1, T, C] → proj Linear → + x → Linear head on every token."""
+    inits = [init("scale", np.float32(D ** -0.5)), init("rel", rand(H, T, T, scale=0.5)),
+             init("split_shape", np.array([1, T, 3, H, D])), init("merge_shape", np.array([1, T, C])),
+             init("ones", np.array([1, 1, 1])), init("zero", np.array([0]))]
+    nodes = norm("x", "n", C, inits, "ln")
+    nodes += linear("qkv", "n", C, 3 * C, "qkv_out", inits, head_columns(dead))
+    nodes += [helper.make_node("Reshape", ["qkv_out", "split_shape"], ["heads"], name="split"),
+              helper.make_node("Transpose", ["heads"], ["qkv_t"], perm=[2, 0, 3, 1, 4]),
+              helper.make_node("Split", ["qkv_t", "ones"], ["q5", "k5", "v5"], axis=0)]
+    nodes += [helper.make_node("Squeeze", [f"{p}5", "zero"], [p]) for p in "qkv"]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q", "kt"], ["logits"]), helper.make_node("Mul", ["logits", "scale"], ["scaled"]),
+              helper.make_node("Add", ["scaled", "rel"], ["biased"], name="rel_bias"),
+              helper.make_node("Softmax", ["biased"], ["attn"], axis=softmax_axis),
+              helper.make_node("MatMul", ["attn", "v"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["merged"], name="merge")]
+    nodes += linear("proj", "merged", C, C, "p", inits)
+    nodes.append(helper.make_node("Add", ["x", "p"], ["r"]))
+    nodes += linear("head", "r", C, 5, "y", inits)
+    return model(nodes, [("x", TensorProto.FLOAT, [1, T, C])], [("y", TensorProto.FLOAT, [1, T, 5])], inits, opset=17)
+
+
+def separate_attention_model(dead=()):
+    """Attention with separate q, k and v Linears on x[N, T, C] (a dynamic batch), each reshaped to
+    [N, T, H, D] by a shape built from Shape(x) as torch.onnx writes it, heads merged back the same way."""
+    inits = [init("scale", np.float32(D ** -0.5)), init("i0", np.array(0)), init("a0", np.array([0])),
+             init("tc", np.array([T])), init("h", np.array([H])), init("d", np.array([D])), init("c", np.array([C]))]
+    nodes = [helper.make_node("Shape", ["x"], ["xs"]), helper.make_node("Gather", ["xs", "i0"], ["n0"], axis=0),
+             helper.make_node("Unsqueeze", ["n0", "a0"], ["n"]),
+             helper.make_node("Concat", ["n", "tc", "h", "d"], ["split_shape"], axis=0),
+             helper.make_node("Concat", ["n", "tc", "c"], ["merge_shape"], axis=0)]
+    for p in "qkv":
+        nodes += linear(p, "x", C, C, f"{p}_out", inits, head_columns(dead, parts=1))
+        nodes += [helper.make_node("Reshape", [f"{p}_out", "split_shape"], [f"{p}4"], name=f"split_{p}"),
+                  helper.make_node("Transpose", [f"{p}4"], [f"{p}h"], perm=[0, 2, 3, 1] if p == "k" else [0, 2, 1, 3])]
+    nodes += [helper.make_node("MatMul", ["qh", "kh"], ["logits"]), helper.make_node("Div", ["logits", "scale"], ["scaled"]),
+              helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1), helper.make_node("MatMul", ["attn", "vh"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["merged"], name="merge")]
+    nodes += linear("proj", "merged", C, C, "p", inits)
+    nodes.append(helper.make_node("Add", ["x", "p"], ["r"]))
+    nodes += linear("head", "r", C, 5, "y", inits)
+    return model(nodes, [("x", TensorProto.FLOAT, ["N", T, C])], [("y", TensorProto.FLOAT, ["N", T, 5])], inits,
+                 opset=17)
+
+
+def test_the_heads_of_a_fused_qkv_projection_are_one_channel_space():
+    spaces, analysis = spaces_of(fused_attention_model())
+    heads = spaces["qkv"]
+    assert not heads.blocked and (heads.channels, heads.block) == (H, D)
+    assert analysis.view["qkv_out"] == [Piece(heads.index, 0, H, D)] * 3  # q, k, v: each head's D rows in a row
+    assert analysis.view["merged"] == [Piece(heads.index, 0, H, D)]
+    assert {f.name for f in heads.followers} == {"qkv_bias", "rel_bias"}  # the bias Add and the per-head bias
+    assert ("proj", "merged") in [(n.name, t) for n, t in analysis.consumers]
+    assert [(n.name, entry) for n, entry, s in analysis.heads] == [("split", 3)]
+    assert spaces["proj"].blocked  # the residual stream
+
+
+def test_dead_heads_go_without_changing_the_outputs(tmp_path):
+    proto = fused_attention_model(dead=(1,))
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert weight_shape(out, "qkv") == (C, 3 * (C - D)) and weight_shape(out, "proj") == (C - D, C)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    shapes = {n.name: inits[n.input[1]].tolist() for n in out.graph.node if n.op_type == "Reshape"}
+    assert shapes == {"split": [1, T, 3, H - 1, D], "merge": [1, T, C - D]}
+    rel = next(n for n in out.graph.node if n.name == "rel_bias")
+    assert inits[rel.input[1]].shape == (H - 1, T, T)
+    outputs_close(proto, out, feed(proto))
+
+
+def test_dead_heads_of_separate_projections_go_with_shapes_built_at_run_time(tmp_path):
+    proto = separate_attention_model(dead=(0, 2))
+    spaces, analysis = spaces_of(proto)
+    assert spaces["q"] is spaces["k"] is spaces["v"] and spaces["q"].channels == H
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert all(weight_shape(out, p) == (C, C - 2 * D) for p in "qkv") and weight_shape(out, "proj") == (C - 2 * D, C)
+    outputs_close(proto, out, feed(proto, n=3))  # the batch stays dynamic
+
+
+def test_live_heads_go_in_steps_that_keep_the_features_aligned_and_the_outputs_close(tmp_path):
+    assert _step(Space(0, H, block=D), 8) == 2 and _step(Space(0, H, block=16), 8) == 1
+    proto = fused_attention_model()
+    out = pruned(tmp_path, proto, 0.45, round_to=8)
+    assert weight_shape(out, "qkv") == (C, 3 * 2 * D)  # two heads of four features: an 8-aligned width
+    x = feed(proto)
+    want, got = run_model(proto, x)[0], run_model(out, x)[0]
+    assert np.linalg.norm(got - want) < 0.5 * np.linalg.norm(want)
+
+
+def test_a_softmax_across_the_heads_keeps_them_whole():
+    spaces, analysis = spaces_of(fused_attention_model(softmax_axis=1))
+    assert spaces["qkv"].blocked and spaces["qkv"].channels == 3 * C and not analysis.heads
+
+
+def test_sample_vit_loses_attention_heads_at_0_7_through_the_cli(tmp_path):
+    """The shipped vision transformer at --prune 0.7 (refused before heads were prunable: at most 55%): whole
+    heads go from some blocks, every MLP loses hidden features, and test accuracy stays within 6 points."""
+    from compiler.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    out = tmp_path / "pkg"
+    assert main(["compile", str(root / "mnist_vit.onnx"), "--target", "rzv2h", "--prune", "0.7", "--prune-mode",
+                 "channel", "--calib", str(root / "mnist_calib.npz"), "--out", str(out)]) == 0
+    layers = {l["name"]: l for l in json.loads((out / "deploy.json").read_text())["layers"]}
+    qkv = [layers[f"/blocks/blocks.{b}/qkv/MatMul"] for b in range(4)]
+    assert any(l.get("heads_after", 4) < 4 for l in qkv), qkv
+    assert all(l.get("channels_after", 192) == 48 * l.get("heads_after", 4) for l in qkv), qkv
+    assert all(layers[f"/blocks/blocks.{b}/fc1/MatMul"]["channels_after"] < 192 for b in range(4))
+    with np.load(root / "mnist_test.npz") as t:
+        x, y = t["input"][:500], t["labels"][:500]
+    accuracy = {p: float(np.mean(run_model(onnx.load(str(p)), {"input": x})[0].argmax(1) == y))
+                for p in (root / "mnist_vit.onnx", out / "model.onnx")}
+    assert accuracy[out / "model.onnx"] >= accuracy[root / "mnist_vit.onnx"] - 0.06, accuracy
