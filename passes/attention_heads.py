@@ -19,10 +19,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.rewrite import const_value, producer, shape_entry
-from passes.channel_groups import ELEMENTWISE, NCHW_ONLY, PASS_THROUGH, _moved_axis
+from passes.channel_groups import ELEMENTWISE, NCHW_ONLY, PASS_THROUGH, REDUCE, _moved_axis
 
-UNARY = (PASS_THROUGH - NCHW_ONLY) | {"Softmax", "LogSoftmax", "Split", "Transpose", "Squeeze", "Unsqueeze",
-                                      "Slice", "Gather", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
+UNARY = (PASS_THROUGH - NCHW_ONLY) | REDUCE | {"Softmax", "LogSoftmax", "Split", "Transpose", "Squeeze", "Unsqueeze",
+                                              "Slice", "Gather", "Expand"}
 
 
 @dataclass
@@ -82,7 +82,8 @@ def _merge_axis(node: gs.Node) -> int | None:
     """The head axis of a Reshape's input when it merges that axis and all after it into its output's last axis
     (keeping the axes before it), and that output's feature count is a rewritable constant or -1."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
-    if x is None or y is None or not isinstance(y[-1], int) or len(x) < len(y) + 1 or node.attrs.get("allowzero", 0):
+    if x is None or y is None or len(y) < 2 or not isinstance(y[-1], int) or len(x) != len(y) + 1 \
+            or node.attrs.get("allowzero", 0) or np.dtype(node.inputs[0].dtype or np.int64).kind != "f":
         return None
     p = len(y) - 1
     if not all(_same(a, b) for a, b in zip(x[:p], y[:p])) or not all(isinstance(d, int) for d in x[p:]):
@@ -214,4 +215,7 @@ def _forward(node: gs.Node, a: int) -> int | None:
         return a if node.attrs.get("axis", 0) % rank != a else None
     if node.op in PASS_THROUGH:
         return a
+    if node.op == "Expand":  # broadcast to a constant shape: new leading axes shift the others
+        out = node.outputs[0].shape
+        return None if out is None else a + len(out) - rank
     return _moved_axis(node, [x], {x.name: a})

@@ -30,7 +30,8 @@ PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoi
 NCHW_ONLY = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
              "InstanceNormalization", "Resize", "Upsample", "Pad"}  # pass-through only with channels on axis 1
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"}
-REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
+REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceProd",
+          "ReduceLogSumExp"}
 LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat"} | REDUCE  # _moved_axis
 DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
 # inputs of these ops, past the first, that are per-channel constants to slice (or not channel-wise at all)
