@@ -4,7 +4,8 @@
 depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, summed Conv
 branches over one input (RepVGG-style, with a BatchNorm or identity branch), Concat of two branches,
 pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, MatMul Linear layers,
-GELU), and optionally a classifier head
+GELU), multi-head self-attention over the pixels (fused or separate q/k/v, per-head biases), and optionally a
+classifier head
 (GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
 hypothesis strategy over it.
 """
@@ -59,7 +60,7 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     for _ in range(int(rng.integers(2, 9))):
         c, h, w = shape
         kind = rng.choice(["conv", "depthwise", "grouped", "bn", "act", "residual", "concat", "pool", "resize", "padconv",
-                           "branches", "tokens"])
+                           "branches", "tokens", "attention"])
         if kind == "conv" or (kind == "grouped" and c < 2):
             k = int(rng.choice([1, 3, 5]))
             stride = 2 if h >= 8 and w >= 8 and rng.random() < 0.3 else 1
@@ -116,6 +117,8 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
             shape = (c_out, (h - 1) // stride + 1, (w - 1) // stride + 1)
         elif kind == "tokens":
             x = _token_mlp(b, x, c, h, w)
+        elif kind == "attention" and h * w <= 256:
+            x = _attention(b, x, c, h, w)
         elif kind == "padconv":
             pads = b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
             padded = b.node("Pad", [x, pads], mode="constant")
@@ -178,6 +181,49 @@ def _token_mlp(b: _Builder, x: str, c: int, h: int, w: int) -> str:
         v = b.node("Reshape", [v, b.const("shape", np.array([1, h, w, c], np.int64))])
     v = b.node("Transpose", [v], perm=[0, 3, 1, 2])
     return b.node("Add", [x, v]) if rng.random() < 0.6 else v
+
+
+def _attention(b: _Builder, x: str, c: int, h: int, w: int) -> str:
+    """Multi-head self-attention on the H·W tokens as timm writes it: Transpose + Reshape to [1, T, C], a fused
+    qkv Linear reshaped to [1, T, 3, heads, D] (Split + Squeeze or Gather into q, k, v) or three Linears
+    reshaped to [1, T, heads, D]; q·kᵀ scaled, maybe plus a per-head bias [heads, T, T]; Softmax; ·v; heads
+    merged by Transpose + Reshape; a proj Linear; back to NCHW, maybe added to the block's input."""
+    rng, t = b.rng, h * w
+    heads, d = int(rng.integers(1, 5)), int(rng.integers(1, 7))
+    tokens = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.const("shape", np.array([1, t, c], np.int64))])
+
+    def linear(inp, fan_in, fan_out):
+        return b.node("Add", [b.node("MatMul", [inp, b.const("w", b.weights(fan_out, fan_in).T.copy())]),
+                              b.const("b", (rng.standard_normal(fan_out) * 0.1).astype(np.float32))])
+
+    def squeeze(part):
+        axes = b.const("axes", np.array([0], np.int64))
+        return b.node("Squeeze", [part, axes]) if b.opset >= 13 else b.node("Squeeze", [part], axes=[0])
+
+    if rng.random() < 0.6:
+        qkv = b.node("Reshape", [linear(tokens, c, 3 * heads * d), b.const("shape", np.array([1, t, 3, heads, d], np.int64))])
+        qkv = b.node("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
+        if rng.random() < 0.5:
+            parts = [b.name("part") for _ in range(3)]
+            sizes = b.const("split", np.array([1, 1, 1], np.int64))
+            b.nodes.append(helper.make_node("Split", [qkv, sizes], parts, name=b.name("Split"), axis=0))
+            q, k, v = (squeeze(p) for p in parts)
+        else:
+            q, k, v = (b.node("Gather", [qkv, b.const("index", np.array(i, np.int64))], axis=0) for i in range(3))
+    else:
+        q, k, v = (b.node("Transpose", [b.node("Reshape", [linear(tokens, c, heads * d),
+                                                            b.const("shape", np.array([1, t, heads, d], np.int64))])],
+                          perm=[0, 2, 1, 3]) for _ in range(3))
+    logits = b.node("Mul", [b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 1, 3, 2])]),
+                            b.const("scale", np.array(d ** -0.5, np.float32))])
+    if rng.random() < 0.5:
+        logits = b.node("Add", [logits, b.const("rel", (rng.standard_normal((heads, t, t)) * 0.5).astype(np.float32))])
+    attn = b.node("MatMul", [b.node("Softmax", [logits], axis=-1), v])
+    merged = b.node("Reshape", [b.node("Transpose", [attn], perm=[0, 2, 1, 3]),
+                                b.const("shape", np.array([1, t, heads * d], np.int64))])
+    out = b.node("Reshape", [linear(merged, heads * d, c), b.const("shape", np.array([1, h, w, c], np.int64))])
+    out = b.node("Transpose", [out], perm=[0, 3, 1, 2])
+    return b.node("Add", [x, out]) if rng.random() < 0.6 else out
 
 
 def cnn_models():
