@@ -79,6 +79,8 @@ def _pruning_section(descriptor) -> str:
         if not before or not (touched or l["macs"] != l.get("macs_before", l["macs"])):
             continue
         channels = (f"{l['channels_before']} → {l['channels_after']}" if "channels_after" in l else "-")
+        if "heads_after" in l:
+            channels += f" (heads {l['heads_before']} → {l['heads_after']})"
         refit = l.get("sequential_refit") or {}
         error = (f"{max(refit['error_before'], 0):.4f} → {max(refit['error_after'], 0):.4f}"
                  if "error_after" in refit else "-")

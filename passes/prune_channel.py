@@ -93,6 +93,10 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     facts = {"prunable_weights": total, "removed_weights": int(removed),
             "achieved_ratio": round(removed / max(total, 1), 4), "groups": len(base),
             "blocked_groups": {(s.producers[0].name if s.producers else s.tensors[0]): s.blocked for s in base if s.blocked}}
+    heads = {space for _, _, space in analysis.heads}
+    if heads:  # attention heads over every head-separable region: before, after
+        facts["attention_heads"] = [sum(analysis.spaces[i].channels for i in heads),
+                                    sum(len(keep.get(i, range(analysis.spaces[i].channels))) for i in heads)]
     return facts, kept
 
 

@@ -126,7 +126,7 @@ def test_a_softmax_across_the_heads_keeps_them_whole():
     assert spaces["qkv"].blocked and spaces["qkv"].channels == 3 * C and not analysis.heads
 
 
-def test_sample_vit_loses_attention_heads_at_0_7_through_the_cli(tmp_path):
+def test_sample_vit_loses_attention_heads_at_0_7_through_the_cli(tmp_path, capsys):
     """The shipped vision transformer at --prune 0.7 (refused before heads were prunable: at most 55%): whole
     heads go from some blocks, every MLP loses hidden features, and test accuracy stays within 6 points."""
     from compiler.cli import main
@@ -140,6 +140,9 @@ def test_sample_vit_loses_attention_heads_at_0_7_through_the_cli(tmp_path):
     assert any(l.get("heads_after", 4) < 4 for l in qkv), qkv
     assert all(l.get("channels_after", 192) == 48 * l.get("heads_after", 4) for l in qkv), qkv
     assert all(layers[f"/blocks/blocks.{b}/fc1/MatMul"]["channels_after"] < 192 for b in range(4))
+    kept = sum(l.get("heads_after", 4) for l in qkv)
+    assert f"; attention heads 16 → {kept}" in capsys.readouterr().out
+    assert f"192 → {48 * min(l.get('heads_after', 4) for l in qkv)} (heads 4 → " in (out / "report.html").read_text()
     with np.load(root / "mnist_test.npz") as t:
         x, y = t["input"][:500], t["labels"][:500]
     accuracy = {p: float(np.mean(run_model(onnx.load(str(p)), {"input": x})[0].argmax(1) == y))
