@@ -11,6 +11,8 @@ row c of every producer in it. Concat, Split, Slice on the channel axis and Flat
 into features make *derived* tensors whose channels are pieces of base spaces (a view). Any other reader
 of a channel tensor (an op the analysis does not understand, a graph output, a grouped Conv) blocks every
 base space in that tensor's view, and a space with any other origin is blocked: nothing is guessed.
+Multi-head attention found by attention_heads makes a base space of heads: each channel is one head, its
+q/k/v rows a view with `block` features per head (repeated for q, k and v), the merged heads a derived view.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Which channels go together comes from the dependency analysis in channel_groups (residual Adds, SE gates,
 Concat/Split/Slice offsets, depthwise convs, BatchNorm, per-channel constants, Flatten/Reshape into Gemm,
-Linear layers on the last axis of token tensors and the layout ops around them); a space that analysis
-blocks is left whole. Channels are ranked by their activation-aware contribution to
+Linear layers on the last axis of token tensors and the layout ops around them, whole attention heads); a
+space that analysis blocks is left whole. Channels are ranked by their activation-aware contribution to
 the layers that read them; how many each space loses follows the model's measured output error when that
 space alone loses its lowest-ranked channels, per weight and MAC removed; a space keeps a multiple of the
 target's alignment, and every consuming layer is refit by least squares (with an intercept, so the mean of
