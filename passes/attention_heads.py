@@ -27,7 +27,8 @@ UNARY = (PASS_THROUGH - NCHW_ONLY) | REDUCE | {"Softmax", "LogSoftmax", "Split",
 
 @dataclass
 class HeadSplit:
-    """A Reshape [..., C] → [..., d1, .., dk] whose output axis `entry` is the heads: channel c of its input is
+    """A Reshape [..., C, ...] → [..., d1, .., dk, ...] whose output axis `entry` is the heads: channel c of its
+    input (on `channel_axis`: last for tokens, 1 for NCHW) is
     head (c // block) % heads, each head's `block` channels in a row, the pattern repeated `repeats` times
     (q, k and v of a fused projection)."""
 
@@ -35,14 +36,17 @@ class HeadSplit:
     entry: int
     repeats: int
     block: int
+    channel_axis: int  # of its input
 
 
 @dataclass
 class HeadMerge:
-    """A Reshape [..., H, d..] → [..., H·block]: feature f of its output belongs to head f // block."""
+    """A Reshape [..., H, d.., ...] → [..., H·block, ...] (its input's head axis is its output's channel axis):
+    channel f of its output belongs to head f // block."""
 
     node: gs.Node
     block: int
+    axis: int  # the head axis of its input, the channel axis of its output
 
 
 @dataclass
@@ -78,33 +82,46 @@ def _same(a, b) -> bool:
     return a == b and a is not None
 
 
+def _regrouping(x, y, start: int, merged: bool):
+    """For a Reshape from shape x to shape y that keeps the axes before `start` and turns one axis at `start` into
+    several (or, `merged`, several into one) with the axes after it only regrouped: how many axes that group
+    spans, else None. Row-major order then indexes the group's axes as digits of the one axis."""
+    one, many = (y, x) if merged else (x, y)
+    if len(one) <= start or not all(_same(a, b) for a, b in zip(x[:start], y[:start])):
+        return None
+    if not all(isinstance(d, int) for d in list(one[start:]) + list(many[start:])):
+        return None
+    for k in range(2, len(many) - start + 1):
+        if int(np.prod(many[start:start + k])) == one[start] \
+                and int(np.prod(many[start + k:])) == int(np.prod(one[start + 1:])):
+            return k
+    return None
+
+
 def _merge_axis(node: gs.Node) -> int | None:
-    """The head axis of a Reshape's input when it merges that axis and all after it into its output's last axis
-    (keeping the axes before it), and that output's feature count is a rewritable constant or -1."""
+    """The head axis of a Reshape's input when the Reshape merges it with the axes up to some later one into one
+    channel axis at the same place (`_regrouping`), and the output's channel count there is a rewritable
+    constant or -1. That axis is also the output's channel axis: last for tokens, 1 for NCHW."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
-    if x is None or y is None or len(y) < 2 or not isinstance(y[-1], int) or len(x) != len(y) + 1 \
-            or node.attrs.get("allowzero", 0) or np.dtype(node.inputs[0].dtype or np.int64).kind != "f":
+    if x is None or y is None or len(y) < 2 or node.attrs.get("allowzero", 0) \
+            or np.dtype(node.inputs[0].dtype or np.int64).kind != "f":
         return None
-    p = len(y) - 1
-    if not all(_same(a, b) for a, b in zip(x[:p], y[:p])) or not all(isinstance(d, int) for d in x[p:]):
-        return None
-    if int(np.prod(x[p:])) != y[-1] or x[p] < 2 or len(x) - p != 2:
-        return None
-    entry = shape_entry(node, len(y) - 1)
-    return p if entry is not None else None
+    for p in range(len(y)):
+        if _regrouping(x, y, p, merged=True) is not None:
+            return p if x[p] >= 2 and shape_entry(node, p) is not None else None
+    return None
 
 
 def _split(node: gs.Node, axis: int, heads: int) -> HeadSplit | None:
     """The split Reshape writing a tensor whose head axis is `axis`, or None when it is not one."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
-    if x is None or y is None or node.attrs.get("allowzero", 0) or not isinstance(x[-1], int):
+    if x is None or y is None or node.attrs.get("allowzero", 0) or y[axis] != heads or shape_entry(node, axis) is None:
         return None
-    r = len(x) - 1
-    if not all(_same(a, b) for a, b in zip(x[:r], y[:r])) or axis < r or not all(isinstance(d, int) for d in y[r:]):
-        return None
-    if int(np.prod(y[r:])) != x[-1] or y[axis] != heads or shape_entry(node, axis) is None:
-        return None
-    return HeadSplit(node, axis, int(np.prod(y[r:axis])), int(np.prod(y[axis + 1:])))
+    for c in range(min(axis + 1, len(x))):
+        k = _regrouping(x, y, c, merged=False)
+        if k is not None and axis < c + k:
+            return HeadSplit(node, axis, int(np.prod(y[c:axis])), int(np.prod(y[axis + 1:c + k])), c)
+    return None
 
 
 def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion | None:
@@ -128,7 +145,8 @@ def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion
             if node.op == "Reshape" and node.inputs[0] is t:
                 if _merge_axis(node) != a:
                     return None
-                region.merges.append(HeadMerge(node, int(np.prod(t.shape[a + 1:]))))
+                k = _regrouping(t.shape, node.outputs[0].shape, a, merged=True)
+                region.merges.append(HeadMerge(node, int(np.prod(t.shape[a + 1:a + k])), a))
                 continue
             if node.op == "Reshape" and node.outputs[0] is t:
                 split = _split(node, a, heads)

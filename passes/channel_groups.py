@@ -166,7 +166,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             continue
         if id(node) in merges:  # ... and its merge writes the heads as the output projection's input channels
             out = node.outputs[0]
-            channel_tensors[out.name], axis_of[out.name], derived[out.name] = out, len(out.shape) - 1, node
+            channel_tensors[out.name], axis_of[out.name], derived[out.name] = out, merges[id(node)][1].axis, node
             links.add_node(out.name)
             rewrites.append(node)
             continue
@@ -260,7 +260,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             if name in channel_tensors:
                 blocks.append((name, f"'{name}' is read inside the subgraph of '{node.name}' ({node.op})"))
 
-    layout, conflict = _head_layouts(regions, links)
+    layout, conflict = _head_layouts(regions, links, axis_of)
     spaces: list[Space] = []
     space_of: dict[str, int] = {}
     for comp in sorted(nx.connected_components(links), key=min):
@@ -278,7 +278,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             elif n in origin and origin[n] and not space.blocked:
                 space.blocked = f"channels of '{n}' come from {origin[n]}"
         defs = [n for n in names if n in derived]
-        if defs and (space.producers or len(defs) > 1):
+        if defs and space.producers:  # several definitions must agree (checked with their views below)
             space.blocked = space.blocked or f"'{derived[defs[0]].name}' ({derived[defs[0]].op}) output is mixed with other channels"
         spaces.append(space)
 
@@ -287,18 +287,25 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
              if s.node.inputs[0].name in space_of]
     for node in graph.nodes:  # topological: views of derived tensors from their inputs' views
         for t in node.outputs:
-            if t.name in derived and t.name not in view:
+            if t.name in derived:
                 if id(node) in merges:
                     region, merge = merges[id(node)]
-                    first = space_of.get(region.splits[0].node.inputs[0].name)
+                    sources = [r.node.inputs[0].name for r in region.splits]
+                    first = space_of.get(sources[0])
                     v = None if first is None else [Piece(first, 0, region.heads, merge.block)]
                 else:
+                    sources = [i.name for i in node.inputs if i.name in space_of]
                     v = _derived_view(node, t, view, space_of, spaces)
                 s = spaces[space_of[t.name]]
+                if v is not None and s.view is not None and v != s.view:  # another definition of these channels
+                    s.blocked = s.blocked or f"'{node.name}' ({node.op}) output is mixed with other channels"
+                    for p in s.view:
+                        if p.space >= 0:
+                            spaces[p.space].blocked = spaces[p.space].blocked or s.blocked
                 if v is None or s.blocked:
                     reason = s.blocked or f"'{node.name}' ({node.op}) splits channels in a way the analysis does not follow"
-                    blocks.extend((i.name, reason) for i in node.inputs if i.name in space_of)
-                    v = [Piece(-1, 0, channels_of(t) or 0)]  # blocked: every channel stays
+                    blocks.extend((name, reason) for name in sources)
+                    v = [Piece(-1, 0, channels_of(t, axis_of[t.name]) or 0)]  # blocked: every channel stays
                 s.view = v
                 for name in s.tensors:
                     view[name] = v
@@ -331,10 +338,10 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
     return ChannelAnalysis(spaces, view, usable, rewrites, axis_of, heads)
 
 
-def _head_layouts(regions, links: nx.Graph) -> tuple[dict[str, tuple], dict[str, str]]:
+def _head_layouts(regions, links: nx.Graph, axis_of: dict[str, int]) -> tuple[dict[str, tuple], dict[str, str]]:
     """Per channel tensor indexed like the input of an attention region's split Reshape: (region, split); and
-    the tensors whose heads two splits read differently, with why. Links the inputs of one region's splits
-    (separate q, k and v projections), whose heads go together."""
+    the tensors whose heads two splits read differently, or a split reads off their channel axis, with why.
+    Links the inputs of one region's splits (separate q, k and v projections), whose heads go together."""
     layout: dict[str, tuple] = {}
     conflict: dict[str, str] = {}
     for r in regions:
@@ -343,6 +350,8 @@ def _head_layouts(regions, links: nx.Graph) -> tuple[dict[str, tuple], dict[str,
             x = s.node.inputs[0].name
             if x not in links:
                 continue
+            if axis_of[x] != s.channel_axis:
+                conflict[x] = f"'{s.node.name}' splits axis {s.channel_axis} of '{x}' into heads, not its channel axis"
             for name in nx.node_connected_component(links, x):
                 seen = layout.get(name)
                 if seen is not None and (seen[0] is not r or (seen[1].repeats, seen[1].block) != (s.repeats, s.block)):
