@@ -78,6 +78,42 @@ def separate_attention_model(dead=()):
                  opset=17)
 
 
+def psa_model(dead=(), pe_of_x=False):
+    """YOLO11's position-sensitive attention on NCHW x[1, 16, 4, 4]: a 1×1 Conv writes 2 heads of q, k (2 each)
+    and v (8) → Reshape [1, 2, 12, 16] → Split along the head's features → qᵀ·k → scale → Softmax → v·attnᵀ →
+    Reshape [1, 16, 4, 4], plus a depthwise Conv of v reshaped the same way → 1×1 proj Conv → + x → pooled
+    Gemm head. Dead heads have zero q, k, v filters and positional-conv bias. `pe_of_x`: the positional conv is
+    a full 3×3 Conv of x instead, so its output channels are not heads."""
+    heads, kd, hd = 2, 2, 8
+    per = 2 * kd + hd
+    w, b = rand(heads * per, C, 1, 1, scale=0.5), rand(heads * per, scale=0.1)
+    pe_b = rand(heads * hd, scale=0.1)
+    for h in dead:
+        w[h * per:(h + 1) * per], b[h * per:(h + 1) * per], pe_b[h * hd:(h + 1) * hd] = 0.0, 0.0, 0.0
+    inits = [init("qkv_w", w), init("qkv_b", b), init("pe_w", rand(heads * hd, 1, 3, 3, scale=0.3)), init("pe_b", pe_b),
+             init("proj_w", rand(C, heads * hd, 1, 1, scale=0.3)), init("proj_b", rand(C, scale=0.1)),
+             init("fc_w", rand(5, C)), init("fc_b", rand(5)), init("scale", np.float32(kd ** -0.5)),
+             init("split_shape", np.array([1, heads, per, 16])), init("image", np.array([1, heads * hd, 4, 4])),
+             init("sizes", np.array([kd, kd, hd])), init("pe_full", rand(heads * hd, C, 3, 3, scale=0.1))]
+    nodes = [helper.make_node("Conv", ["x", "qkv_w", "qkv_b"], ["qkv"], name="qkv"),
+             helper.make_node("Reshape", ["qkv", "split_shape"], ["heads"], name="split"),
+             helper.make_node("Split", ["heads", "sizes"], ["q", "k", "v"], axis=2),
+             helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["qt", "k"], ["logits"]), helper.make_node("Mul", ["logits", "scale"], ["scaled"]),
+             helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1),
+             helper.make_node("Transpose", ["attn"], ["attn_t"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["v", "attn_t"], ["ctx"]),
+             helper.make_node("Reshape", ["ctx", "image"], ["merged"], name="merge"),
+             helper.make_node("Reshape", ["v", "image"], ["v_image"], name="merge_v"),
+             helper.make_node("Conv", ["x", "pe_full", "pe_b"], ["pe"], name="pe", pads=[1, 1, 1, 1]) if pe_of_x else
+             helper.make_node("Conv", ["v_image", "pe_w", "pe_b"], ["pe"], name="pe", group=heads * hd, pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["merged", "pe"], ["mixed"]),
+             helper.make_node("Conv", ["mixed", "proj_w", "proj_b"], ["p"], name="proj"),
+             helper.make_node("Add", ["x", "p"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, C, 4, 4])], [("y", TensorProto.FLOAT, [1, 5])], inits, opset=17)
+
+
 def test_the_heads_of_a_fused_qkv_projection_are_one_channel_space():
     spaces, analysis = spaces_of(fused_attention_model())
     heads = spaces["qkv"]
@@ -109,6 +145,24 @@ def test_dead_heads_of_separate_projections_go_with_shapes_built_at_run_time(tmp
     out = pruned(tmp_path, proto, dead_ratio(proto))
     assert all(weight_shape(out, p) == (C, C - 2 * D) for p in "qkv") and weight_shape(out, "proj") == (C - 2 * D, C)
     outputs_close(proto, out, feed(proto, n=3))  # the batch stays dynamic
+
+
+def test_dead_heads_of_nchw_attention_go_with_their_positional_conv(tmp_path):
+    proto = psa_model(dead=(1,))
+    spaces, analysis = spaces_of(proto)
+    heads = spaces["qkv"]
+    assert not heads.blocked and (heads.channels, heads.block) == (2, 4)  # q/k 2 + v 8 per head: blocks 12 and 8
+    assert analysis.view["qkv"] == [Piece(heads.index, 0, 2, 12)] and analysis.axis["merged"] == 1
+    assert analysis.view["merged"] == analysis.view["v_image"] == [Piece(heads.index, 0, 2, 8)]  # two merges agree
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert weight_shape(out, "qkv") == (12, C, 1, 1) and weight_shape(out, "proj") == (C, 8, 1, 1)
+    assert weight_shape(out, "pe") == (8, 1, 3, 3)
+    outputs_close(proto, out, feed(proto))
+
+
+def test_merged_heads_added_to_other_channels_keep_the_heads_whole():
+    spaces, analysis = spaces_of(psa_model(pe_of_x=True))
+    assert "mixed with other channels" in spaces["qkv"].blocked and spaces["qkv"].channels == 2
 
 
 def test_live_heads_go_in_steps_that_keep_the_features_aligned_and_the_outputs_close(tmp_path):
