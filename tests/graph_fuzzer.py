@@ -4,8 +4,8 @@
 depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, summed Conv
 branches over one input (RepVGG-style, with a BatchNorm or identity branch), Concat of two branches,
 pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, MatMul Linear layers,
-GELU), multi-head self-attention over the pixels (fused or separate q/k/v, per-head biases), and optionally a
-classifier head
+GELU), multi-head self-attention over the pixels (fused or separate q/k/v, per-head biases; or YOLO11's
+NCHW form), and optionally a classifier head
 (GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
 hypothesis strategy over it.
 """
@@ -60,7 +60,7 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     for _ in range(int(rng.integers(2, 9))):
         c, h, w = shape
         kind = rng.choice(["conv", "depthwise", "grouped", "bn", "act", "residual", "concat", "pool", "resize", "padconv",
-                           "branches", "tokens", "attention"])
+                           "branches", "tokens", "attention", "psa"])
         if kind == "conv" or (kind == "grouped" and c < 2):
             k = int(rng.choice([1, 3, 5]))
             stride = 2 if h >= 8 and w >= 8 and rng.random() < 0.3 else 1
@@ -119,6 +119,8 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
             x = _token_mlp(b, x, c, h, w)
         elif kind == "attention" and h * w <= 256:
             x = _attention(b, x, c, h, w)
+        elif kind == "psa" and h * w <= 256:
+            x, shape = _psa(b, x, c, h, w)
         elif kind == "padconv":
             pads = b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
             padded = b.node("Pad", [x, pads], mode="constant")
@@ -224,6 +226,28 @@ def _attention(b: _Builder, x: str, c: int, h: int, w: int) -> str:
     out = b.node("Reshape", [linear(merged, heads * d, c), b.const("shape", np.array([1, h, w, c], np.int64))])
     out = b.node("Transpose", [out], perm=[0, 3, 1, 2])
     return b.node("Add", [x, out]) if rng.random() < 0.6 else out
+
+
+def _psa(b: _Builder, x: str, c: int, h: int, w: int) -> tuple[str, tuple]:
+    """YOLO11's position-sensitive attention on NCHW: a 1×1 Conv writes heads × (2·key + value) channels,
+    Reshape [1, heads, 2·key + value, H·W], Split into q, k, v; qᵀ·k scaled, Softmax, v·attnᵀ reshaped to
+    [1, heads·value, H, W], maybe plus a depthwise Conv of v reshaped the same way; a 1×1 proj Conv."""
+    rng, t = b.rng, h * w
+    heads, key, value = int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.integers(1, 9))
+    per, c_out = 2 * key + value, int(rng.integers(1, 17))
+    qkv = b.node("Reshape", [b.conv(x, c, heads * per, 1), b.const("shape", np.array([1, heads, per, t], np.int64))])
+    q, k, v = b.name("q"), b.name("k"), b.name("v")
+    b.nodes.append(helper.make_node("Split", [qkv, b.const("split", np.array([key, key, value], np.int64))], [q, k, v],
+                                    name=b.name("Split"), axis=2))
+    logits = b.node("Mul", [b.node("MatMul", [b.node("Transpose", [q], perm=[0, 1, 3, 2]), k]),
+                            b.const("scale", np.array(key ** -0.5, np.float32))])
+    attn = b.node("Transpose", [b.node("Softmax", [logits], axis=-1)], perm=[0, 1, 3, 2])
+    image = b.const("shape", np.array([1, heads * value, h, w], np.int64))
+    out = b.node("Reshape", [b.node("MatMul", [v, attn]), image])
+    if rng.random() < 0.6:
+        out = b.node("Add", [out, b.conv(b.node("Reshape", [v, image]), heads * value, heads * value, 3,
+                                         group=heads * value)])
+    return b.conv(out, heads * value, c_out, 1), (c_out, h, w)
 
 
 def cnn_models():
