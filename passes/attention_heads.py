@@ -204,8 +204,9 @@ def _head_axes(node: gs.Node, t: gs.Tensor, a: int, heads: int) -> tuple[list[tu
         at = a + rank - len(t.shape)  # the head axis in the output's frame (numpy broadcasting aligns the last axes)
         axes, per_head = [], False
         for i in list(node.inputs) + [out]:
-            shape = np.asarray(i.values).shape if isinstance(i, gs.Constant) else i.shape
-            if i is t or shape is None and const_value(i) is not None:
+            value = const_value(i)
+            shape = value.shape if value is not None else i.shape
+            if i is t:
                 continue
             if shape is None:
                 return None
@@ -213,9 +214,9 @@ def _head_axes(node: gs.Node, t: gs.Tensor, a: int, heads: int) -> tuple[list[tu
             size = shape[k] if k >= 0 else 1
             if size == 1:
                 continue
-            if size != heads:
+            if size != heads or (value is not None and not isinstance(i, gs.Constant)):  # only initializers are sliced
                 return None
-            if const_value(i) is not None:
+            if value is not None:
                 per_head = True
             else:
                 axes.append((i, k))
