@@ -103,8 +103,7 @@ def _merge_axis(node: gs.Node) -> int | None:
     channel axis at the same place (`_regrouping`), and the output's channel count there is a rewritable
     constant or -1. That axis is also the output's channel axis: last for tokens, 1 for NCHW."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
-    if x is None or y is None or len(y) < 2 or node.attrs.get("allowzero", 0) \
-            or np.dtype(node.inputs[0].dtype or np.int64).kind != "f":
+    if x is None or y is None or len(y) < 2 or np.dtype(node.inputs[0].dtype or np.int64).kind != "f":
         return None
     for p in range(len(y)):
         if _regrouping(x, y, p, merged=True) is not None:
@@ -115,7 +114,7 @@ def _merge_axis(node: gs.Node) -> int | None:
 def _split(node: gs.Node, axis: int, heads: int) -> HeadSplit | None:
     """The split Reshape writing a tensor whose head axis is `axis`, or None when it is not one."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
-    if x is None or y is None or node.attrs.get("allowzero", 0) or y[axis] != heads or shape_entry(node, axis) is None:
+    if x is None or y is None or y[axis] != heads or shape_entry(node, axis) is None:
         return None
     for c in range(min(axis + 1, len(x))):
         k = _regrouping(x, y, c, merged=False)

@@ -497,13 +497,13 @@ def _regrouped_axis(node: gs.Node, axis: int) -> int | None:
     if x.shape is None or out.shape is None or not all(isinstance(d, int) for d in list(x.shape) + list(out.shape)):
         return None
     target = const_value(node.inputs[1]) if node.op == "Reshape" else None
-    if node.op == "Reshape" and (target is None or node.attrs.get("allowzero", 0)):
+    if node.op == "Reshape" and target is None:
         return None
     before = int(np.prod(x.shape[:axis]))
     for b in range(len(out.shape)):
         if int(np.prod(out.shape[:b])) == before and out.shape[b] == x.shape[axis]:
-            copies = set() if target is None else {j for j, v in enumerate(target) if v == 0}
-            return None if b != axis and copies & {axis, b} else b  # a 0 copies the input's dim at its index
+            copies = set() if target is None or node.attrs.get("allowzero", 0) else {j for j, v in enumerate(target) if v == 0}
+            return None if b != axis and copies & {axis, b} else b  # a 0 copies the input's dim at its index (allowzero: a 0 is a 0)
         if int(np.prod(out.shape[:b])) > before:
             return None
     return None

@@ -202,3 +202,24 @@ def test_sample_vit_loses_attention_heads_at_0_7_through_the_cli(tmp_path, capsy
     accuracy = {p: float(np.mean(run_model(onnx.load(str(p)), {"input": x})[0].argmax(1) == y))
                 for p in (root / "mnist_vit.onnx", out / "model.onnx")}
     assert accuracy[out / "model.onnx"] >= accuracy[root / "mnist_vit.onnx"] - 0.06, accuracy
+
+
+def test_the_torch_export_form_of_the_sample_vit_loses_heads_too(tmp_path, capsys):
+    """models/mnist_vit_dynamo.onnx (the same weights through torch.export: Slice + Squeeze for q, k and v,
+    Reshapes with allowzero=1): all four attentions are head regions, and --prune 0.7 prunes heads with the
+    same accuracy as the TorchScript form."""
+    from compiler.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    spaces, analysis = spaces_of(onnx.load(str(root / "mnist_vit_dynamo.onnx")))
+    assert len(analysis.heads) == 4 and all(analysis.spaces[s].channels == 4 and not analysis.spaces[s].blocked
+                                            for _, _, s in analysis.heads)
+    out = tmp_path / "pkg"
+    assert main(["compile", str(root / "mnist_vit_dynamo.onnx"), "--prune", "0.7", "--prune-mode", "channel",
+                 "--calib", str(root / "mnist_calib.npz"), "--out", str(out)]) == 0
+    assert "; attention heads 16 → " in capsys.readouterr().out
+    with np.load(root / "mnist_test.npz") as t:
+        x, y = t["input"][:500], t["labels"][:500]
+    accuracy = {p: float(np.mean(run_model(onnx.load(str(p)), {"input": x})[0].argmax(1) == y))
+                for p in (root / "mnist_vit_dynamo.onnx", out / "model.onnx")}
+    assert accuracy[out / "model.onnx"] >= accuracy[root / "mnist_vit_dynamo.onnx"] - 0.06, accuracy
