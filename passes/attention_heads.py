@@ -85,7 +85,8 @@ def _same(a, b) -> bool:
 def _regrouping(x, y, start: int, merged: bool):
     """For a Reshape from shape x to shape y that keeps the axes before `start` and turns one axis at `start` into
     several (or, `merged`, several into one) with the axes after it only regrouped: how many axes that group
-    spans, else None. Row-major order then indexes the group's axes as digits of the one axis."""
+    spans (at least two of them longer than 1), else None. Row-major order then indexes the group's axes as
+    digits of the one axis."""
     one, many = (y, x) if merged else (x, y)
     if len(one) <= start or not all(_same(a, b) for a, b in zip(x[:start], y[:start])):
         return None
@@ -94,7 +95,7 @@ def _regrouping(x, y, start: int, merged: bool):
     for k in range(2, len(many) - start + 1):
         if int(np.prod(many[start:start + k])) == one[start] \
                 and int(np.prod(many[start + k:])) == int(np.prod(one[start + 1:])):
-            return k
+            return k if sum(d > 1 for d in many[start:start + k]) >= 2 else None  # not just a unit axis added
     return None
 
 

@@ -175,6 +175,24 @@ def test_live_heads_go_in_steps_that_keep_the_features_aligned_and_the_outputs_c
     assert np.linalg.norm(got - want) < 0.5 * np.linalg.norm(want)
 
 
+def test_a_unit_axis_is_not_a_head_axis():
+    """torch's nn.MultiheadAttention works on [tokens, batch, features]: its in_proj output [6, 1, 48] is reshaped
+    to [6, 1, 3, 16] and each of q, k, v to [6, 4, 4] (tokens, batch·heads, head width). Read with the batch's
+    unit axis, the first looks like the tokens split into [6, 1] and the second like [6, 1] merged back, with
+    only token-separable ops between: that must not be taken for heads."""
+    from compiler.ir import Module
+    from passes.attention_heads import head_regions
+
+    inits = [init("w", rand(16, 48)), init("unflat", np.array([6, 1, 3, 16])), init("zero", np.array(0)),
+             init("per_head", np.array([6, 4, 4]))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["packed"]), helper.make_node("Reshape", ["packed", "unflat"], ["u"]),
+             helper.make_node("Gather", ["u", "zero"], ["q"], axis=2), helper.make_node("Reshape", ["q", "per_head"], ["y"])]
+    module = Module.from_proto(model(nodes, [("x", TensorProto.FLOAT, [6, 1, 16])], [("y", TensorProto.FLOAT, [6, 4, 4])],
+                                     inits, opset=17))
+    module.infer_shapes()
+    assert head_regions(module.graph) == []
+
+
 def test_a_softmax_across_the_heads_keeps_them_whole():
     spaces, analysis = spaces_of(fused_attention_model(softmax_axis=1))
     assert spaces["qkv"].blocked and spaces["qkv"].channels == 3 * C and not analysis.heads
