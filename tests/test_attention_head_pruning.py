@@ -3,7 +3,9 @@ projection(s) before the attention, its columns of the output projection, and it
 constants go together, and the split and merge Reshapes state one head fewer.
 
 A "dead" head has zero q, k and v weights and biases: its attention is uniform over zero values, so it adds
-nothing, and removing it must leave the outputs as onnxruntime computes them on the original model.
+nothing, and removing it must leave the outputs as onnxruntime computes them on the original model. The forms:
+timm's fused qkv on tokens with a per-head bias, separate q/k/v Linears with shapes built from Shape() at run
+time, YOLO11's attention on NCHW tensors, and the shipped trained ViT in both PyTorch exports.
 """
 
 import json
