@@ -56,6 +56,7 @@ class HeadRegion:
     merges: list[HeadMerge] = field(default_factory=list)
     axis: dict[str, int] = field(default_factory=dict)          # tensor inside the region -> its head axis
     nodes: list[gs.Node] = field(default_factory=list)          # the ops inside (not the splits and merges)
+    resized: list[tuple[gs.Node, int]] = field(default_factory=list)  # Reshapes inside stating the head count
     followers: list[gs.Node] = field(default_factory=list)      # ops inside with a per-head constant
 
 
@@ -99,29 +100,60 @@ def _regrouping(x, y, start: int, merged: bool):
     return None
 
 
-def _merge_axis(node: gs.Node) -> int | None:
-    """The head axis of a Reshape's input when the Reshape merges it with the axes up to some later one into one
-    channel axis at the same place (`_regrouping`), and the output's channel count there is a rewritable
-    constant or -1. That axis is also the output's channel axis: last for tokens, 1 for NCHW."""
+def _units_dropped(shape) -> tuple[list, list[int]]:
+    """The axes of `shape` longer than 1 (unknown ones count as longer), and their indices in `shape`."""
+    index = [i for i, d in enumerate(shape) if d != 1]
+    return [shape[i] for i in index], index
+
+
+def _merge(node: gs.Node) -> tuple[int, int, int] | None:
+    """(head axis of its input, channel axis of its output, head width) when a Reshape merges the head axis with
+    the axes after it up to some later one into one channel axis (`_regrouping`, unit axes aside: torch's
+    [tokens, 1, heads, D] → [tokens, features]), and the output's channel count there is a rewritable constant
+    or -1; the head axis is the group's first axis. Else None."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
     if x is None or y is None or len(y) < 2 or np.dtype(node.inputs[0].dtype or np.int64).kind != "f":
         return None
-    for p in range(len(y)):
-        if _regrouping(x, y, p, merged=True) is not None:
-            return p if x[p] >= 2 and shape_entry(node, p) is not None else None
+    (xs, xi), (ys, yi) = _units_dropped(x), _units_dropped(y)
+    for p in range(len(ys)):
+        k = _regrouping(xs, ys, p, merged=True)
+        if k is not None:
+            if shape_entry(node, yi[p]) is None:
+                return None
+            return xi[p], yi[p], int(np.prod(xs[p + 1:p + k]))
     return None
+
+
+def _merge_axis(node: gs.Node) -> int | None:
+    """The head axis of a merge Reshape's input (see `_merge`), or None when it is not one."""
+    found = _merge(node)
+    return None if found is None else found[0]
 
 
 def _split(node: gs.Node, axis: int, heads: int) -> HeadSplit | None:
-    """The split Reshape writing a tensor whose head axis is `axis`, or None when it is not one."""
+    """The split Reshape writing a tensor whose head axis is `axis` (unit axes aside), or None when it is not one."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
     if x is None or y is None or y[axis] != heads or shape_entry(node, axis) is None:
         return None
-    for c in range(min(axis + 1, len(x))):
-        k = _regrouping(x, y, c, merged=False)
-        if k is not None and axis < c + k:
-            return HeadSplit(node, axis, int(np.prod(y[c:axis])), int(np.prod(y[axis + 1:c + k])), c)
+    (xs, xi), (ys, yi) = _units_dropped(x), _units_dropped(y)
+    at = yi.index(axis)
+    for c in range(min(at + 1, len(xs))):
+        k = _regrouping(xs, ys, c, merged=False)
+        if k is not None and at < c + k:
+            return HeadSplit(node, axis, int(np.prod(ys[c:at])), int(np.prod(ys[at + 1:c + k])), xi[c])
     return None
+
+
+def _unit_reshape(node: gs.Node, t: gs.Tensor, a: int) -> list[tuple[gs.Tensor, int]] | None:
+    """For a Reshape that only adds or drops unit axes, reading or writing `t` with head axis `a`: its other
+    tensor and that tensor's head axis; else None."""
+    x, y = node.inputs[0], node.outputs[0]
+    if x.shape is None or y.shape is None:
+        return None
+    (xs, xi), (ys, yi) = _units_dropped(x.shape), _units_dropped(y.shape)
+    if len(xs) != len(ys) or not all(_same(p, q) for p, q in zip(xs, ys)):
+        return None
+    return [(y, yi[xi.index(a)])] if t is x else [(x, xi[yi.index(a)])]
 
 
 def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion | None:
@@ -142,19 +174,25 @@ def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion
                 continue
             seen.add(id(node))
             a = region.axis[t.name]
-            if node.op == "Reshape" and node.inputs[0] is t:
-                if _merge_axis(node) != a:
+            unit = _unit_reshape(node, t, a) if node.op == "Reshape" else None
+            if unit is not None:  # [heads, tokens, D] → [1, heads, tokens, D]: its head count is rewritten too
+                entry = unit[0][1] if t is node.inputs[0] else a
+                if shape_entry(node, entry) is None:
                     return None
-                k = _regrouping(t.shape, node.outputs[0].shape, a, merged=True)
-                region.merges.append(HeadMerge(node, int(np.prod(t.shape[a + 1:a + k])), a))
+                region.resized.append((node, entry))
+            if node.op == "Reshape" and node.inputs[0] is t and unit is None:
+                merge = _merge(node)
+                if merge is None or merge[0] != a:
+                    return None
+                region.merges.append(HeadMerge(node, merge[2], merge[1]))
                 continue
-            if node.op == "Reshape" and node.outputs[0] is t:
+            if node.op == "Reshape" and node.outputs[0] is t and unit is None:
                 split = _split(node, a, heads)
                 if split is None:
                     return None
                 region.splits.append(split)
                 continue
-            linked = _head_axes(node, t, a, heads)
+            linked = (unit, False) if unit is not None else _head_axes(node, t, a, heads)
             if linked is None:
                 return None
             axes, per_head = linked

@@ -283,8 +283,9 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         spaces.append(space)
 
     view: dict[str, list[Piece]] = {}
-    heads = [(s.node, s.entry, space_of[s.node.inputs[0].name]) for r in regions for s in r.splits
-             if s.node.inputs[0].name in space_of]
+    heads = [(node, entry, space_of[r.splits[0].node.inputs[0].name]) for r in regions
+             for node, entry in [(s.node, s.entry) for s in r.splits] + r.resized
+             if r.splits[0].node.inputs[0].name in space_of]
     for node in graph.nodes:  # topological: views of derived tensors from their inputs' views
         for t in node.outputs:
             if t.name in derived:

@@ -18,6 +18,7 @@ from passes.prune_common import bias_constant, bias_shift, layer_statistics, pru
 from passes.prune_refit import refit_in_order
 from passes.prune_sensitivity import Sensitivity, measured_prefix
 from passes.prune_sparse import error_curve, sparse_prune_layer
+from passes.unpack_projection import unpack_projections
 
 
 SPREAD = 0.1  # estimated allocation keeps each layer within this of the ratio
@@ -90,6 +91,8 @@ class Prune(Pass):
                      f"than {FEW_SAMPLES} the result fits them more closely than other inputs; check it on held-out "
                      "data (drpc simulate PACKAGE --data HELDOUT)")
         module.infer_shapes()
+        if mode == "channel" and unpack_projections(module.graph):  # nn.MultiheadAttention's in_proj, per part
+            module.reinfer_shapes()
         layers = prunable_layers(module.graph, self.first_layer, self.classifier)
         kept_dense = [n.name for n in prunable_layers(module.graph, True, True) if n not in layers]
         if not layers:

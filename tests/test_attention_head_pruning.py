@@ -114,6 +114,73 @@ def psa_model(dead=(), pe_of_x=False):
     return model(nodes, [("x", TensorProto.FLOAT, [1, C, 4, 4])], [("y", TensorProto.FLOAT, [1, 5])], inits, opset=17)
 
 
+def torch_mha_model(dead=()):
+    """torch's nn.MultiheadAttention as its exporters write it, on x[1, T, C] (batch first): Transpose to
+    [T, 1, C] → packed in_proj (MatMul + bias Add, 3·C outputs) → Reshape [T, 1, 3, C] → Unsqueeze → Transpose →
+    Squeeze → Gather q, k, v → each Reshape [T, H, D] → Transpose [H, T, D] → Reshape [1, H, T, D] → scaled
+    q·kᵀ → Softmax → ·v → Transpose [T, 1, H, D] → Reshape [T, C] → out_proj Gemm → back to [1, T, C] → + x."""
+    inits = [init("scale", np.float32(D ** -0.5)), init("unflat", np.array([T, 1, 3, C])), init("a0", np.array([0])),
+             init("a3", np.array([3])), init("per_head", np.array([T, H, D])), init("batched", np.array([1, H, T, D])),
+             init("merge_shape", np.array([T, C])), init("back", np.array([T, 1, C])),
+             init("out_w", rand(C, C, scale=C ** -0.5)), init("out_b", rand(C, scale=0.1))]
+    inits += [init(f"i{p}", np.array(k)) for k, p in enumerate("qkv")]
+    nodes = [helper.make_node("Transpose", ["x"], ["tokens"], perm=[1, 0, 2])]
+    nodes += linear("in_proj", "tokens", C, 3 * C, "packed", inits, head_columns(dead))
+    nodes += [helper.make_node("Reshape", ["packed", "unflat"], ["u"]), helper.make_node("Unsqueeze", ["u", "a0"], ["u1"]),
+              helper.make_node("Transpose", ["u1"], ["u2"], perm=[3, 1, 2, 0, 4]),
+              helper.make_node("Squeeze", ["u2", "a3"], ["u3"])]
+    for p in "qkv":
+        nodes += [helper.make_node("Gather", ["u3", f"i{p}"], [p], axis=0),
+                  helper.make_node("Reshape", [p, "per_head"], [f"{p}3"], name=f"split_{p}"),
+                  helper.make_node("Transpose", [f"{p}3"], [f"{p}t"], perm=[1, 0, 2]),
+                  helper.make_node("Reshape", [f"{p}t", "batched"], [f"{p}4"])]
+    nodes += [helper.make_node("Transpose", ["k4"], ["kT"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q4", "kT"], ["logits"]), helper.make_node("Mul", ["logits", "scale"], ["scaled"]),
+              helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1), helper.make_node("MatMul", ["attn", "v4"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[2, 0, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["merged"], name="merge"),
+              helper.make_node("Gemm", ["merged", "out_w", "out_b"], ["o"], name="out_proj", transB=1),
+              helper.make_node("Reshape", ["o", "back"], ["o3"]), helper.make_node("Transpose", ["o3"], ["o4"], perm=[1, 0, 2]),
+              helper.make_node("Add", ["x", "o4"], ["r"])]
+    nodes += linear("head", "r", C, 5, "y", inits)
+    return model(nodes, [("x", TensorProto.FLOAT, [1, T, C])], [("y", TensorProto.FLOAT, [1, T, 5])], inits, opset=17)
+
+
+def test_the_packed_projection_of_torch_attention_unpacks_into_three_with_the_same_outputs():
+    from compiler.ir import Module
+    from passes.unpack_projection import unpack_projections
+
+    proto = torch_mha_model()
+    module = Module.from_proto(proto)
+    module.infer_shapes()
+    assert unpack_projections(module.graph) == 3
+    out = module.to_proto()
+    assert sorted(n.name for n in out.graph.node if n.op_type == "MatMul" and n.name.startswith("in_proj")) == \
+        ["in_proj_part0", "in_proj_part1", "in_proj_part2"]
+    assert not any(n.op_type == "Gather" for n in out.graph.node)
+    outputs_close(proto, out, feed(proto))
+
+
+def test_dead_heads_of_torch_attention_go_without_changing_the_outputs(tmp_path):
+    proto = torch_mha_model(dead=(2,))
+    out = pruned(tmp_path, proto, dead_ratio_unpacked(proto))
+    parts = [n for n in out.graph.node if n.op_type == "MatMul" and n.name.startswith("in_proj")]
+    assert len(parts) == 3 and all(weight_shape(out, n.name) == (C, C - D) for n in parts)
+    assert weight_shape(out, "out_proj") == (C, C - D)
+    outputs_close(proto, out, feed(proto))
+
+
+def dead_ratio_unpacked(proto) -> float:
+    """`dead_ratio` of the model as channel pruning sees it: its packed projections unpacked first."""
+    from compiler.ir import Module
+    from passes.unpack_projection import unpack_projections
+
+    module = Module.from_proto(proto)
+    module.infer_shapes()
+    unpack_projections(module.graph)
+    return dead_ratio(module.to_proto())
+
+
 def test_the_heads_of_a_fused_qkv_projection_are_one_channel_space():
     spaces, analysis = spaces_of(fused_attention_model())
     heads = spaces["qkv"]
