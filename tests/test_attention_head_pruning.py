@@ -289,3 +289,14 @@ def test_the_torch_export_form_of_the_sample_vit_loses_heads_too(tmp_path, capsy
     layers, out = compile_sample(tmp_path, "mnist_vit_dynamo.onnx", 0.7)
     assert "; attention heads 16 → " in capsys.readouterr().out
     assert top1_drop(MODELS / "mnist_vit_dynamo.onnx", out) <= 0.06
+
+
+def test_the_sample_built_from_torch_transformer_layers_loses_heads(tmp_path, capsys):
+    """models/mnist_mha.onnx (nn.TransformerEncoderLayer, trained on MNIST; its nn.MultiheadAttention packs q, k
+    and v into one in_proj) at --prune 0.7: refused before (at most 55%), now heads go from the unpacked
+    projections and test top-1 stays within 6 points."""
+    layers, out = compile_sample(tmp_path, "mnist_mha.onnx", 0.7)
+    assert "; attention heads 16 → " in capsys.readouterr().out
+    parts = [l for name, l in layers.items() if "self_attn/MatMul_part" in name and l["op"] == "MatMul"]  # q, k, v
+    assert len(parts) == 12 and any(l.get("heads_after", 4) < 4 for l in parts), parts
+    assert top1_drop(MODELS / "mnist_mha.onnx", out) <= 0.06
