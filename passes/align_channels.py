@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
-from compiler.rewrite import const_value, fresh_name, set_input
+from compiler.rewrite import const_value, fresh_name, set_input, set_shape_entry, shape_entry
 from passes.channel_groups import Space, analyze, channel_params, resize_sizes
 from passes.prune_common import prunable_layers, rows_to_weight, weight_rows
 
@@ -62,11 +62,9 @@ def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
         _pad_follower(graph, node, space.channels, extra, analysis.axis[node.outputs[0].name])
     for node in analysis.rewrites:  # a Reshape that regroups the other axes states the channel count
         out = node.outputs[0].name
-        if node.op == "Reshape" and out in space.tensors:
-            shape = np.array(const_value(node.inputs[1]), dtype=np.int64)
-            if shape[analysis.axis[out]] > 0:
-                shape[analysis.axis[out]] += extra
-                set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_shape"), shape))
+        entry = shape_entry(node, analysis.axis[out]) if node.op == "Reshape" and out in space.tensors else None
+        if entry is not None:
+            set_shape_entry(graph, node, analysis.axis[out], entry + extra)  # leaves -1 and 0 as they are
     for node, tensor in analysis.consumers:
         if analysis.view[tensor] == [p for p in analysis.view[tensor] if p.space == space.index]:
             w = np.asarray(node.inputs[1].values)

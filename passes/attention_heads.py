@@ -59,20 +59,21 @@ class HeadRegion:
     resized: list[tuple[gs.Node, int]] = field(default_factory=list)  # Reshapes inside stating the head count
     followers: list[gs.Node] = field(default_factory=list)      # ops inside with a per-head constant
 
+    @property
+    def source(self) -> str:
+        """The tensor the first split reads: the channel space its heads come from."""
+        return self.splits[0].node.inputs[0].name
+
 
 def head_regions(graph: gs.Graph) -> list[HeadRegion]:
     """Every head-separable attention region of `graph`, found from its merge Reshapes."""
-    readers: dict[str, list[gs.Node]] = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            readers.setdefault(t.name, []).append(node)
     outputs = {t.name for t in graph.outputs}
     regions, merged = [], set()
     for node in graph.nodes:
         if node.op != "Reshape" or id(node) in merged:
             continue
-        p = _merge_axis(node)
-        region = None if p is None else _grow(node.inputs[0], p, readers, outputs)
+        merge = _merge(node)
+        region = None if merge is None else _grow(node.inputs[0], merge[0], outputs)
         if region is not None:
             regions.append(region)
             merged |= {id(m.node) for m in region.merges}
@@ -124,12 +125,6 @@ def _merge(node: gs.Node) -> tuple[int, int, int] | None:
     return None
 
 
-def _merge_axis(node: gs.Node) -> int | None:
-    """The head axis of a merge Reshape's input (see `_merge`), or None when it is not one."""
-    found = _merge(node)
-    return None if found is None else found[0]
-
-
 def _split(node: gs.Node, axis: int, heads: int) -> HeadSplit | None:
     """The split Reshape writing a tensor whose head axis is `axis` (unit axes aside), or None when it is not one."""
     x, y = node.inputs[0].shape, node.outputs[0].shape
@@ -156,7 +151,7 @@ def _unit_reshape(node: gs.Node, t: gs.Tensor, a: int) -> list[tuple[gs.Tensor, 
     return [(y, yi[xi.index(a)])] if t is x else [(x, xi[yi.index(a)])]
 
 
-def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion | None:
+def _grow(start: gs.Tensor, axis: int, outputs: set[str]) -> HeadRegion | None:
     """The region around `start` (head axis `axis`): every tensor reached through head-separable ops, with its
     head axis; None as soon as one op is not head-separable or a region tensor leaves the region."""
     heads = start.shape[axis]
@@ -167,7 +162,7 @@ def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion
         t = queue.pop()
         if t.name in outputs:
             return None
-        for node in [producer(t)] + readers.get(t.name, []):
+        for node in [producer(t)] + list(t.outputs):  # readers inside subgraphs too: they are not head-separable
             if node is None:
                 return None  # a graph input
             if id(node) in seen:
@@ -180,19 +175,21 @@ def _grow(start: gs.Tensor, axis: int, readers, outputs: set[str]) -> HeadRegion
                 if shape_entry(node, entry) is None:
                     return None
                 region.resized.append((node, entry))
-            if node.op == "Reshape" and node.inputs[0] is t and unit is None:
+                linked = (unit, False)
+            elif node.op == "Reshape" and node.inputs[0] is t:
                 merge = _merge(node)
                 if merge is None or merge[0] != a:
                     return None
                 region.merges.append(HeadMerge(node, merge[2], merge[1]))
                 continue
-            if node.op == "Reshape" and node.outputs[0] is t and unit is None:
+            elif node.op == "Reshape":
                 split = _split(node, a, heads)
                 if split is None:
                     return None
                 region.splits.append(split)
                 continue
-            linked = (unit, False) if unit is not None else _head_axes(node, t, a, heads)
+            else:
+                linked = _head_axes(node, t, a, heads)
             if linked is None:
                 return None
             axes, per_head = linked
@@ -242,10 +239,10 @@ def _head_axes(node: gs.Node, t: gs.Tensor, a: int, heads: int) -> tuple[list[tu
         at = a + rank - len(t.shape)  # the head axis in the output's frame (numpy broadcasting aligns the last axes)
         axes, per_head = [], False
         for i in list(node.inputs) + [out]:
-            value = const_value(i)
-            shape = value.shape if value is not None else i.shape
             if i is t:
                 continue
+            value = const_value(i)
+            shape = value.shape if value is not None else i.shape
             if shape is None:
                 return None
             k = at - (rank - len(shape))

@@ -77,6 +77,10 @@ class ChannelAnalysis:
     def base(self) -> list[Space]:
         return [s for s in self.spaces if s.view is None]
 
+    def head_spaces(self) -> set[int]:
+        """The spaces whose channels are attention heads."""
+        return {space for _, _, space in self.heads}
+
 
 def channels_of(t: gs.Tensor, axis: int = 1) -> int | None:
     shape = t.shape
@@ -283,17 +287,15 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         spaces.append(space)
 
     view: dict[str, list[Piece]] = {}
-    heads = [(node, entry, space_of[r.splits[0].node.inputs[0].name]) for r in regions
-             for node, entry in [(s.node, s.entry) for s in r.splits] + r.resized
-             if r.splits[0].node.inputs[0].name in space_of]
+    heads = [(node, entry, space_of[r.source]) for r in regions if r.source in space_of
+             for node, entry in [(s.node, s.entry) for s in r.splits] + r.resized]
     for node in graph.nodes:  # topological: views of derived tensors from their inputs' views
         for t in node.outputs:
             if t.name in derived:
                 if id(node) in merges:
                     region, merge = merges[id(node)]
                     sources = [r.node.inputs[0].name for r in region.splits]
-                    first = space_of.get(sources[0])
-                    v = None if first is None else [Piece(first, 0, region.heads, merge.block)]
+                    v = [Piece(space_of[region.source], 0, region.heads, merge.block)] if region.source in space_of else None
                 else:
                     sources = [i.name for i in node.inputs if i.name in space_of]
                     v = _derived_view(node, t, view, space_of, spaces)
@@ -327,8 +329,8 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         if name in space_of and not spaces[space_of[name]].blocked:
             spaces[space_of[name]].blocked = reason
     for r in regions:  # per-head constants inside a region (a relative position bias) follow the heads
-        if r.splits[0].node.inputs[0].name in space_of:
-            s = spaces[space_of[r.splits[0].node.inputs[0].name]]
+        if r.source in space_of:
+            s = spaces[space_of[r.source]]
             for f in r.followers:
                 s.followers.append(f)
                 view[f.outputs[0].name], axis_of[f.outputs[0].name] = [Piece(s.index, 0, s.channels)], r.axis[f.outputs[0].name]

@@ -93,7 +93,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     facts = {"prunable_weights": total, "removed_weights": int(removed),
             "achieved_ratio": round(removed / max(total, 1), 4), "groups": len(base),
             "blocked_groups": {(s.producers[0].name if s.producers else s.tensors[0]): s.blocked for s in base if s.blocked}}
-    heads = {space for _, _, space in analysis.heads}
+    heads = analysis.head_spaces()
     if heads:  # attention heads over every head-separable region: before, after
         facts["attention_heads"] = [sum(analysis.spaces[i].channels for i in heads),
                                     sum(len(keep.get(i, range(analysis.spaces[i].channels))) for i in heads)]
@@ -314,8 +314,9 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
     for node, entry, space in analysis.heads:
         if space in keep:
             set_shape_entry(graph, node, entry, len(keep[space]))
-            for p in analysis.spaces[space].producers if ctx is not None else ():
-                ctx.layer(p.name, heads_before=analysis.spaces[space].channels, heads_after=len(keep[space]))
+    for space in analysis.head_spaces() & set(keep) if ctx is not None else ():
+        for p in analysis.spaces[space].producers:
+            ctx.layer(p.name, heads_before=analysis.spaces[space].channels, heads_after=len(keep[space]))
 
 
 def _slice_follower(graph, node: gs.Node, kept: np.ndarray, axis: int) -> None:

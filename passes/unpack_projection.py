@@ -68,7 +68,7 @@ def _packed(graph: gs.Graph, node: gs.Node):
         return None
     layer, bias = producer(x), None
     if layer is not None and layer.op == "Add":
-        matmul = next((producer(t) for t in layer.inputs if producer(t) is not None and producer(t).op == "MatMul"), None)
+        matmul = next((p for p in map(producer, layer.inputs) if p is not None and p.op == "MatMul"), None)
         found = matmul_bias(graph, matmul) if matmul is not None else None
         if found is None or found[0] is not layer:
             return None
