@@ -24,7 +24,8 @@ NEUTRAL = {"Div": 1.0, "BatchNormalization": (0.0, 0.0, 0.0, 1.0), "InstanceNorm
 class AlignChannels(Pass):
     """Pad channel spaces to a multiple of `multiple` with zero channels (those of depthwise blocks only,
     unless depthwise_only=false). Guarantees: outputs unchanged up to float rounding; spaces the dependency
-    analysis blocks, and spaces that reach a Concat/Split/Slice/Flatten, are left alone."""
+    analysis blocks, spaces that reach a Concat/Split/Slice/Flatten and spaces a LayerNorm normalizes (zero
+    channels would change its statistics) are left alone."""
 
     name = "align-channels"
     lossless = True
@@ -39,7 +40,7 @@ class AlignChannels(Pass):
         padded = {}
         for space in analysis.base():
             extra = (-space.channels) % self.multiple
-            if (not extra or space.blocked or not space.producers or space.index in in_views
+            if (not extra or space.blocked or not space.producers or space.index in in_views or space.normalizers
                     or (self.depthwise_only and not any(f.op == "Conv" for f in space.followers))):
                 continue
             _pad_space(graph, analysis, space, extra)

@@ -38,7 +38,7 @@ LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "G
 DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
 # inputs of these ops, past the first, that are per-channel constants to slice (or not channel-wise at all)
 CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "PRelu": (1,), "Clip": (),
-                  "Resize": (), "Upsample": (), "Pad": ()}
+                  "Resize": (), "Upsample": (), "Pad": (), "LayerNormalization": (1, 2)}
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class Space:
     blocked: str = ""
     view: list[Piece] | None = None                           # set for a derived space
     block: int = 1                                            # features per channel: an attention head's width
+    normalizers: list[gs.Node] = field(default_factory=list)  # LayerNorms over these channels (see is_normalizer)
 
 
 @dataclass
@@ -96,6 +97,19 @@ def is_depthwise(node: gs.Node) -> bool:
     return w is not None and g > 1 and w.shape[0] == g and w.shape[1] == 1
 
 
+def is_normalizer(node: gs.Node, axis: int | None) -> bool:
+    """A LayerNormalization over channel axis `axis` alone, the last axis, with per-channel (or no) scale and
+    bias and no statistics output read. Its channels stay aligned, but each output depends on all of them
+    through the mean and variance: removing channels changes the others' statistics, which prune_channel
+    corrects (see `correct_normalizers`); it is not an exact removal even for a channel that is always 0."""
+    shape = node.inputs[0].shape
+    if node.op != "LayerNormalization" or shape is None or axis is None or axis != len(shape) - 1:
+        return False
+    if node.attrs.get("axis", -1) % len(shape) != axis or any(o.outputs for o in node.outputs[1:]):
+        return False
+    return all(isinstance(t, gs.Constant) and np.asarray(t.values).shape == (shape[axis],) for t in node.inputs[1:])
+
+
 def _aligned_channel(const: np.ndarray, rank: int, axis: int = 1) -> int:
     """The size of a broadcast constant along channel axis `axis` of a rank-`rank` tensor."""
     if const.ndim < rank - axis:
@@ -122,6 +136,8 @@ def _output_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int], r
         return rank - 1
     if moved is not None:
         return moved
+    if node.op == "LayerNormalization" and ins and node.inputs[0] is ins[0]:
+        return axis_of[ins[0].name]
     if not ins or rank is None or node.op in LAYOUT:
         return 1
     if (node.op not in PASS_THROUGH and node.op not in ELEMENTWISE) or any(len(t.shape) != rank for t in ins):
@@ -137,14 +153,18 @@ def _axis(node: gs.Node, rank: int | None) -> int | None:
     return axis % rank
 
 
-def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
-    """Channel spaces of `graph` for pruning the output channels of `prunable` layers."""
+def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = ()) -> ChannelAnalysis:
+    """Channel spaces of `graph` for pruning the output channels of `prunable` layers. A `joining` layer (the
+    stem) loses output channels only with a space some `prunable` layer produces too: a ViT's patch embedding
+    or a ResNet's stem writing the residual stream."""
     chosen = {id(n) for n in prunable}
+    joining = {id(n) for n in joining}
     links = nx.Graph()
     origin: dict[str, str] = {}         # tensor -> why it starts channels ("" for a prunable producer)
     producer_of: dict[str, gs.Node] = {}
     derived: dict[str, gs.Node] = {}    # tensor -> the Concat/Split/Slice/Flatten/Reshape that defines it
     followers: dict[str, list[gs.Node]] = {}
+    normalizers: dict[str, list[gs.Node]] = {}
     blocks: list[tuple[str, str]] = []  # (tensor, reason): every base space in its view is blocked
     consumers: list[tuple[gs.Node, str]] = []
     rewrites: list[gs.Node] = []
@@ -192,7 +212,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             elif ins:
                 blocks.append((ins[0].name, f"'{node.name}' ({op}) reads '{ins[0].name}' across its channel axis"))
             for t in outs:
-                if id(node) in chosen:
+                if id(node) in chosen or id(node) in joining:
                     origin[t.name] = ""
                     producer_of[t.name] = node
                 else:
@@ -201,6 +221,11 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         if op == "Conv" and is_depthwise(node) and ins and outs and x_axis == 1 and channels_of(ins[0]) == channels_of(outs[0]):
             links.add_edge(ins[0].name, outs[0].name)
             followers.setdefault(outs[0].name, []).append(node)
+            continue
+        if op == "LayerNormalization" and ins and outs and node.inputs[0] is ins[0] and is_normalizer(node, x_axis):
+            links.add_edge(ins[0].name, outs[0].name)
+            followers.setdefault(outs[0].name, []).append(node)
+            normalizers.setdefault(outs[0].name, []).append(node)
             continue
         if op in PASS_THROUGH and ins and outs and node.inputs[0] is ins[0] and (x_axis == 1 or op not in NCHW_ONLY) \
                 and x_axis == axis and channels_of(ins[0], x_axis) == channels_of(outs[0], axis):
@@ -244,6 +269,8 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
             if op in ("Split", "Slice", "Reshape"):
                 rewrites.append(node)
             continue
+        if op == "Shape" and ins and _dims_read_apart(node, x_axis):
+            continue
         if moved is not None and outs:
             for t in ins:
                 links.add_edge(t.name, outs[0].name)
@@ -277,10 +304,14 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node]) -> ChannelAnalysis:
         for n in names:
             space_of[n] = space.index
             space.followers.extend(followers.get(n, []))
+            space.normalizers.extend(normalizers.get(n, []))
             if n in producer_of:
                 space.producers.append(producer_of[n])
             elif n in origin and origin[n] and not space.blocked:
                 space.blocked = f"channels of '{n}' come from {origin[n]}"
+        if space.producers and all(id(p) in joining for p in space.producers) and not space.blocked:
+            p = space.producers[0]
+            space.blocked = f"channels of '{p.outputs[0].name}' come from '{p.name}' ({p.op}), which is not pruned (first layer)"
         defs = [n for n in names if n in derived]
         if defs and space.producers:  # several definitions must agree (checked with their views below)
             space.blocked = space.blocked or f"'{derived[defs[0]].name}' ({derived[defs[0]].op}) output is mixed with other channels"
@@ -497,6 +528,8 @@ def _regrouped_axis(node: gs.Node, axis: int) -> int | None:
     its output; None when it splits or merges the channels themselves, or its shape constant would not follow
     a change of the channel count."""
     x, out = node.inputs[0], node.outputs[0]
+    if node.op == "Reshape" and (_copied_prefix(node) or 0) > axis:
+        return axis
     if x.shape is None or out.shape is None or not all(isinstance(d, int) for d in list(x.shape) + list(out.shape)):
         return None
     target = const_value(node.inputs[1]) if node.op == "Reshape" else None
@@ -510,6 +543,52 @@ def _regrouped_axis(node: gs.Node, axis: int) -> int | None:
         if int(np.prod(out.shape[:b])) > before:
             return None
     return None
+
+
+def _dims_read_apart(shape: gs.Node, axis: int) -> bool:
+    """Whether every use of a Shape(x) leaves channel axis `axis` alone: Gathers of other dims (batch, tokens),
+    or the copied prefix of a target reshaping x itself (`_copied_prefix`), which follows the channel count."""
+    rank = len(shape.inputs[0].shape) if shape.inputs[0].shape is not None else None
+    if rank is None or shape.attrs.get("start", 0) != 0 or shape.attrs.get("end") is not None:
+        return False
+    for use in shape.outputs[0].outputs:
+        if use.op == "Gather":
+            index = const_value(use.inputs[1])
+            if index is None or use.attrs.get("axis", 0) != 0 or axis in {int(i) % rank for i in index.reshape(-1)}:
+                return False
+        elif use.op == "Slice" and len(use.outputs[0].outputs) == 1 and use.outputs[0].outputs[0].op == "Concat":
+            concat = use.outputs[0].outputs[0]
+            readers = [r for o in concat.outputs for r in o.outputs]
+            if concat.inputs[0] is not use.outputs[0] or not readers or any(
+                    r.op != "Reshape" or r.inputs[1] is not concat.outputs[0] or r.inputs[0] is not shape.inputs[0]
+                    or _copied_prefix(r) is None for r in readers):
+                return False
+        else:
+            return False
+    return True
+
+
+def _copied_prefix(node: gs.Node) -> int | None:
+    """How many leading entries of a Reshape's target are its input's own dims, read at run time: a target
+    Concat(Slice(Shape(x), 0, k), ...) or Concat(Shape(x, end=k), ...), as torch writes x.flatten(k)."""
+    concat = node.inputs[1].inputs[0] if len(node.inputs[1].inputs) == 1 else None
+    if concat is None or concat.op != "Concat" or not concat.inputs or len(concat.inputs[0].inputs) != 1:
+        return None
+    first = concat.inputs[0].inputs[0]
+    if first.op == "Slice" and len(first.inputs[0].inputs) == 1:
+        bounds = [const_value(t) for t in first.inputs[1:]]
+        if any(b is None for b in bounds) or any(int(v) != 0 for v in bounds[0]) or \
+                any(int(v) != 1 for v in (bounds[3] if len(bounds) > 3 else [1])) or \
+                any(int(v) != 0 for v in (bounds[2] if len(bounds) > 2 else [0])):
+            return None
+        shape, end = first.inputs[0].inputs[0], int(bounds[1][0])
+    elif first.op == "Shape":
+        shape, end = first, first.attrs.get("end")
+    else:
+        return None
+    if shape.op != "Shape" or shape.inputs[0] is not node.inputs[0] or shape.attrs.get("start", 0) != 0 or end is None:
+        return None
+    return end if end > 0 else None
 
 
 def _derived_view(node, t, view, space_of, spaces) -> list[Piece] | None:

@@ -101,8 +101,9 @@ class Prune(Pass):
         if mode == "channel":
             round_to = self.round_to or getattr(target, "channel_round_to", 1)
             dense = module.to_proto() if self.method == "obs" and self.refit else None
+            stem = [n for n in prunable_layers(module.graph, True, self.classifier) if n not in layers]
             facts, kept = prune_channels(module, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs",
-                                         measured=self.allocation == "measured")
+                                         measured=self.allocation == "measured", joining=stem)
             if dense is not None and ctx is not None and ctx.calib is not None:
                 nodes = {n.name: n for n in module.graph.nodes}  # the graph was rebuilt with the new shapes
                 refit_in_order(module, ctx, [nodes[n.name] for n in layers], dense, kept)

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import UnsupportedModelError
 from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input, set_shape_entry
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
+from passes.normalizer_fit import apply_fit, fit_normalizers
 from passes.prune_common import bias_constant, layer_statistics, rows_to_weight, shifted_inputs, weight_rows
 from passes.prune_sensitivity import measured_curves
 
@@ -39,16 +40,17 @@ def consumer_columns(analysis: ChannelAnalysis, node: gs.Node, tensor: str, keep
 
 
 def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: int, data_driven: bool = True,
-                   measured: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+                   measured: bool = True, joining: list[gs.Node] = ()) -> tuple[dict, dict[str, np.ndarray]]:
     """Remove output channels so that `ratio` of the prunable weights go; returns the facts for the report and,
     per layer whose output lost channels, the original indices of those it still produces.
 
     data_driven: rank by activation x consumer weight and refit the consumers; otherwise the magnitude
     baseline (L1 norm of the producers' filters, no refit). measured (data-driven only): how many channels each
     space loses follows the model's measured output error when that space alone loses its lowest-ranked
-    channels (see `_measured_curves`); otherwise the ranks alone decide across spaces."""
+    channels (see `_measured_curves`); otherwise the ranks alone decide across spaces. joining: layers that are
+    not pruned but lose output channels with a space the `layers` produce too (see channel_groups.analyze)."""
     graph = module.graph
-    analysis = analyze(graph, layers)
+    analysis = analyze(graph, layers, joining)
     base = [s for s in analysis.base() if s.producers]
     if not base:
         kinds = ", ".join(sorted({n.op for n in layers}))
@@ -82,7 +84,12 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     removal = _allocate(usable, cost, scores, ratio * total, round_to, removed_by, curves, worth)
     removed = removed_by(removal)
     keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
+    normalizers = {n.name: (n, kept_positions(analysis.view[n.inputs[0].name], keep))
+                   for i in keep for n in analysis.spaces[i].normalizers}
+    fits = fit_normalizers(module.to_proto(), ctx, normalizers) if data_driven else []
     _apply(graph, analysis, keep, stats, ctx)
+    for fit in fits:
+        apply_fit(graph, fit)
     graph.cleanup(remove_unused_graph_inputs=False)
     module.reinfer_shapes()
     kept = {}
@@ -224,12 +231,22 @@ def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int, r
     heapq.heapify(heap)
     drop: dict[int, list[int]] = {i: [] for i in units}
     removed = 0.0
+    taken: list[tuple[float, int, int]] = []
     while heap and (removed < target or removed_by(drop) < target):
-        _, i, k = heapq.heappop(heap)
+        entry = heapq.heappop(heap)
+        _, i, k = entry
         drop[i].extend(int(c) for c in units[i][k])
+        taken.append(entry)
         removed += len(units[i][k]) * cost[i]
         if k + 1 < len(units[i]):
             heapq.heappush(heap, (key(i, k + 1), i, k + 1))
+    # a wide unit (a residual stream's channels reach most layers) can overshoot the target: give back the
+    # costliest units taken last in their space while what stays removed still reaches it
+    for _, i, k in sorted(taken, reverse=True):
+        if len(drop[i]) == sum(len(u) for u in units[i][:k + 1]):
+            trial = {**drop, i: drop[i][:len(drop[i]) - len(units[i][k])]}
+            if removed_by(trial) >= target:
+                drop = trial
     return drop
 
 

@@ -291,12 +291,16 @@ def test_the_torch_export_form_of_the_sample_vit_loses_heads_too(tmp_path, capsy
     assert top1_drop(MODELS / "mnist_vit_dynamo.onnx", out) <= 0.06
 
 
-def test_the_sample_built_from_torch_transformer_layers_loses_heads(tmp_path, capsys):
+def test_the_sample_built_from_torch_transformer_layers_prunes_heads_and_stream(tmp_path, capsys):
     """models/mnist_mha.onnx (nn.TransformerEncoderLayer, trained on MNIST; its nn.MultiheadAttention packs q, k
-    and v into one in_proj) at --prune 0.7: refused before (at most 55%), now heads go from the unpacked
-    projections and test top-1 stays within 6 points."""
-    layers, out = compile_sample(tmp_path, "mnist_mha.onnx", 0.7)
+    and v into one in_proj) at --prune 0.7: refused before (at most 55%). Now the unpacked projections' heads
+    are channel spaces (at 0.5 some go), at 0.7 the residual stream the post-norm LayerNorms read narrows in
+    every layer writing it, and test top-1 stays within 6 points."""
+    layers, out = compile_sample(tmp_path / "half", "mnist_mha.onnx", 0.5)
     assert "; attention heads 16 → " in capsys.readouterr().out
     parts = [l for name, l in layers.items() if "self_attn/MatMul_part" in name and l["op"] == "MatMul"]  # q, k, v
     assert len(parts) == 12 and any(l.get("heads_after", 4) < 4 for l in parts), parts
+    layers, out = compile_sample(tmp_path / "most", "mnist_mha.onnx", 0.7)
+    writers = [l for name, l in layers.items() if "/linear2/" in name and l["op"] == "MatMul"]
+    assert len(writers) == 4 and all(l["channels_after"] < 64 for l in writers), writers
     assert top1_drop(MODELS / "mnist_mha.onnx", out) <= 0.06
