@@ -13,6 +13,10 @@ of a channel tensor (an op the analysis does not understand, a graph output, a g
 base space in that tensor's view, and a space with any other origin is blocked: nothing is guessed.
 Multi-head attention found by attention_heads makes a base space of heads: each channel is one head, its
 q/k/v rows a view with `block` features per head (repeated for q, k and v), the merged heads a derived view.
+Statistics over the channels do not block them: a LayerNorm over the channel axis keeps them aligned (its
+scale and bias are sliced) and a ReduceMean over it is read by broadcasting; both are the space's
+`normalizers`, which prune_channel refits to the kept channels (normalizer_fit), as removing channels is not
+exact for them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoi
                 "Resize", "Upsample", "Pad", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Reciprocal"}
 NCHW_ONLY = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
              "InstanceNormalization", "Resize", "Upsample", "Pad"}  # pass-through only with channels on axis 1
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
 REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceProd",
           "ReduceLogSumExp"}
 LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat"} | REDUCE  # _moved_axis
@@ -63,7 +67,7 @@ class Space:
     blocked: str = ""
     view: list[Piece] | None = None                           # set for a derived space
     block: int = 1                                            # features per channel: an attention head's width
-    normalizers: list[gs.Node] = field(default_factory=list)  # LayerNorms over these channels (see is_normalizer)
+    normalizers: list[gs.Node] = field(default_factory=list)  # statistics over these channels: is_normalizer, is_channel_mean
 
 
 @dataclass
@@ -101,13 +105,25 @@ def is_normalizer(node: gs.Node, axis: int | None) -> bool:
     """A LayerNormalization over channel axis `axis` alone, the last axis, with per-channel (or no) scale and
     bias and no statistics output read. Its channels stay aligned, but each output depends on all of them
     through the mean and variance: removing channels changes the others' statistics, which prune_channel
-    corrects (see `correct_normalizers`); it is not an exact removal even for a channel that is always 0."""
+    corrects (see normalizer_fit); it is not an exact removal even for a channel that is always 0."""
     shape = node.inputs[0].shape
     if node.op != "LayerNormalization" or shape is None or axis is None or axis != len(shape) - 1:
         return False
     if node.attrs.get("axis", -1) % len(shape) != axis or any(o.outputs for o in node.outputs[1:]):
         return False
     return all(isinstance(t, gs.Constant) and np.asarray(t.values).shape == (shape[axis],) for t in node.inputs[1:])
+
+
+def is_channel_mean(node: gs.Node, axis: int | None) -> bool:
+    """A ReduceMean over channel axis `axis` alone that keeps it (size 1), a statistic read by broadcasting:
+    a LayerNorm written out, ConvNeXt-V2's global response normalization. Like a LayerNorm, removing channels
+    changes it; normalizer_fit corrects it."""
+    shape = node.inputs[0].shape
+    if node.op != "ReduceMean" or shape is None or axis is None or not node.attrs.get("keepdims", 1):
+        return False
+    given = node.attrs.get("axes") if "axes" in node.attrs else (
+        const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
+    return given is not None and {int(a) % len(shape) for a in np.asarray(given).reshape(-1)} == {axis}
 
 
 def _aligned_channel(const: np.ndarray, rank: int, axis: int = 1) -> int:
@@ -270,6 +286,12 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                 rewrites.append(node)
             continue
         if op == "Shape" and ins and _dims_read_apart(node, x_axis):
+            continue
+        if ins and node.inputs[0] is ins[0] and is_channel_mean(node, x_axis):  # its output is not indexed by channels
+            for t in outs:
+                del channel_tensors[t.name], axis_of[t.name]
+                links.remove_node(t.name)
+            normalizers.setdefault(ins[0].name, []).append(node)
             continue
         if moved is not None and outs:
             for t in ins:

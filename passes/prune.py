@@ -56,7 +56,8 @@ class Prune(Pass):
         "ratio": Option(float, 0.5, "fraction of prunable weights to remove", minimum=0.0, maximum=1.0, exclusive_max=True),
         "mode": Option(str, "", "sparse | channel (default: the target's)", choices=("", "sparse", "channel")),
         "first_layer": Option(bool, False, "also prune the stem (the first Conv when it reads at most "
-                              f"{STEM_CHANNELS} channels; a wider first Conv is always prunable)"),
+                              f"{STEM_CHANNELS} channels; a wider first Conv is always prunable; channel mode: "
+                              "without it the stem still loses the channels of a stream other pruned layers write)"),
         "classifier": Option(bool, False, "also prune the last Gemm/MatMul"),
         "pattern": Option(str, "", "sparse pattern: unstructured or N:M (default: the target's)"),
         "group_size": Option(int, 0, "sparse: zero whole groups of this many consecutive input channels at one kernel "

@@ -2,12 +2,13 @@
 
 Which channels go together comes from the dependency analysis in channel_groups (residual Adds, SE gates,
 Concat/Split/Slice offsets, depthwise convs, BatchNorm, per-channel constants, Flatten/Reshape into Gemm,
-Linear layers on the last axis of token tensors and the layout ops around them, whole attention heads); a
-space that analysis blocks is left whole. Channels are ranked by their activation-aware contribution to
+Linear layers on the last axis of token tensors and the layout ops around them, whole attention heads,
+streams that LayerNorms normalize); a space that analysis blocks is left whole. Channels are ranked by their activation-aware contribution to
 the layers that read them; how many each space loses follows the model's measured output error when that
 space alone loses its lowest-ranked channels, per weight and MAC removed; a space keeps a multiple of the
 target's alignment, and every consuming layer is refit by least squares (with an intercept, so the mean of
-the removed channels moves into its bias) on the calibration statistics of its input.
+the removed channels moves into its bias) on the calibration statistics of its input. LayerNorms and channel
+means over a space that lost channels are refit to the statistics of the kept ones (normalizer_fit).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import UnsupportedModelError
 from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input, set_shape_entry
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
-from passes.normalizer_fit import apply_fit, fit_normalizers
+from passes.normalizer_fit import StatisticFit, fit_statistics
 from passes.prune_common import bias_constant, layer_statistics, rows_to_weight, shifted_inputs, weight_rows
 from passes.prune_sensitivity import measured_curves
 
@@ -84,12 +85,12 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     removal = _allocate(usable, cost, scores, ratio * total, round_to, removed_by, curves, worth)
     removed = removed_by(removal)
     keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
-    normalizers = {n.name: (n, kept_positions(analysis.view[n.inputs[0].name], keep))
-                   for i in keep for n in analysis.spaces[i].normalizers}
-    fits = fit_normalizers(module.to_proto(), ctx, normalizers) if data_driven else []
+    fits = [StatisticFit(n, kept_positions(analysis.view[n.inputs[0].name], keep), analysis.axis[n.inputs[0].name])
+            for i in keep for n in analysis.spaces[i].normalizers]
+    fits = fit_statistics(module.to_proto(), ctx, fits) if data_driven else []
     _apply(graph, analysis, keep, stats, ctx)
     for fit in fits:
-        apply_fit(graph, fit)
+        fit.apply(graph)
     graph.cleanup(remove_unused_graph_inputs=False)
     module.reinfer_shapes()
     kept = {}

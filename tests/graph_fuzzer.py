@@ -3,8 +3,8 @@
 `random_model(rng)` draws one model (input "x" [1, C, H, W], output "y"): convolutions (plain, strided,
 depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, summed Conv
 branches over one input (RepVGG-style, with a BatchNorm or identity branch), Concat of two branches,
-pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, MatMul Linear layers,
-GELU), multi-head self-attention over the pixels (fused or separate q/k/v, per-head biases; or YOLO11's
+pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, LayerNorm, MatMul Linear
+layers, GELU), multi-head self-attention over the pixels (fused or separate q/k/v, per-head biases; or YOLO11's
 NCHW form), and optionally a classifier head
 (GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
 hypothesis strategy over it.
@@ -156,16 +156,27 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     return model
 
 
+def _pre_norm(b: _Builder, t: str, c: int) -> str:
+    """Maybe (opset 17 and up) a LayerNorm over the last axis, with random scale and bias, as a pre-norm
+    transformer or ConvNeXt block writes one before its first Linear."""
+    if b.opset < 17 or b.rng.random() < 0.5:
+        return t
+    scale = (1 + b.rng.standard_normal(c) * 0.3).astype(np.float32)
+    return b.node("LayerNormalization", [t, b.const("ln_g", scale), b.const("ln_b", (b.rng.standard_normal(c) * 0.1)
+                                                                          .astype(np.float32))], axis=-1)
+
+
 def _token_mlp(b: _Builder, x: str, c: int, h: int, w: int) -> str:
     """A ConvNeXt/transformer MLP on channels-last features: Transpose to NHWC (and maybe Reshape to
-    [1, H·W, C]), Linear (MatMul + bias Add), ReLU or GELU in erf form, Linear (bias optional), maybe a
-    layer scale, back to NCHW, maybe added to the block's input."""
+    [1, H·W, C]), maybe a LayerNorm, Linear (MatMul + bias Add), ReLU or GELU in erf form, Linear (bias
+    optional), maybe a layer scale, back to NCHW, maybe added to the block's input."""
     rng = b.rng
     hidden = int(rng.integers(1, 17))
     t = b.node("Transpose", [x], perm=[0, 2, 3, 1])
     flat = rng.random() < 0.4
     if flat:
         t = b.node("Reshape", [t, b.const("shape", np.array([1, h * w, c], np.int64))])
+    t = _pre_norm(b, t, c)
     u = b.node("Add", [b.node("MatMul", [t, b.const("w", b.weights(hidden, c).T.copy())]),
                        b.const("b", (rng.standard_normal(hidden) * 0.1).astype(np.float32))])
     if rng.random() < 0.5:
@@ -186,13 +197,15 @@ def _token_mlp(b: _Builder, x: str, c: int, h: int, w: int) -> str:
 
 
 def _attention(b: _Builder, x: str, c: int, h: int, w: int) -> str:
-    """Multi-head self-attention on the H·W tokens as timm writes it: Transpose + Reshape to [1, T, C], a fused
+    """Multi-head self-attention on the H·W tokens as timm writes it: Transpose + Reshape to [1, T, C], maybe a
+    LayerNorm, a fused
     qkv Linear reshaped to [1, T, 3, heads, D] (Split + Squeeze or Gather into q, k, v) or three Linears
     reshaped to [1, T, heads, D]; q·kᵀ scaled, maybe plus a per-head bias [heads, T, T]; Softmax; ·v; heads
     merged by Transpose + Reshape; a proj Linear; back to NCHW, maybe added to the block's input."""
     rng, t = b.rng, h * w
     heads, d = int(rng.integers(1, 5)), int(rng.integers(1, 7))
     tokens = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.const("shape", np.array([1, t, c], np.int64))])
+    tokens = _pre_norm(b, tokens, c)
 
     def linear(inp, fan_in, fan_out):
         return b.node("Add", [b.node("MatMul", [inp, b.const("w", b.weights(fan_out, fan_in).T.copy())]),
