@@ -88,9 +88,13 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     fits = [StatisticFit(n, kept_positions(analysis.view[n.inputs[0].name], keep), analysis.axis[n.inputs[0].name])
             for i in keep for n in analysis.spaces[i].normalizers]
     fits = fit_statistics(module.to_proto(), ctx, fits) if data_driven else []
+    widths = [int(fit.node.inputs[0].shape[fit.axis]) for fit in fits]
     _apply(graph, analysis, keep, stats, ctx)
-    for fit in fits:
+    for fit, width in zip(fits, widths):
         fit.apply(graph)
+        if ctx is not None:
+            ctx.layer(fit.node.name, channels_before=width, channels_after=len(fit.kept),
+                      refit="statistics over the kept channels")
     graph.cleanup(remove_unused_graph_inputs=False)
     module.reinfer_shapes()
     kept = {}
@@ -101,6 +105,8 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     facts = {"prunable_weights": total, "removed_weights": int(removed),
             "achieved_ratio": round(removed / max(total, 1), 4), "groups": len(base),
             "blocked_groups": {(s.producers[0].name if s.producers else s.tensors[0]): s.blocked for s in base if s.blocked}}
+    if fits:
+        facts["statistics_refit"] = len(fits)
     heads = analysis.head_spaces()
     if heads:  # attention heads over every head-separable region: before, after
         facts["attention_heads"] = [sum(analysis.spaces[i].channels for i in heads),

@@ -91,13 +91,17 @@ def test_the_sample_vit_narrows_its_residual_stream_at_0_7(tmp_path, capsys):
     """models/mnist_vit.onnx at --prune 0.7 --prune-mode channel (int8 package): the 64-wide residual stream
     loses channels in every layer writing it (the patch embedding, each attention output and MLP output
     projection), its width read at run time by the exported x.flatten(2) (Shape → Slice → Concat → Reshape);
-    exactly 70% of the prunable weights go, and test top-1 stays within 3 points of float (it lost 4.2 points
-    when the stream stayed whole)."""
+    exactly 70% of the prunable weights go, the summary and deploy.json say the 9 LayerNorms were refit, and
+    test top-1 stays within 3 points of float (it lost 4.2 points when the stream stayed whole)."""
     layers, out = compile_sample(tmp_path, "mnist_vit.onnx", 0.7)
-    assert "70.0% of 163,840 prunable weights removed" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "70.0% of 163,840 prunable weights removed" in summary
+    assert "; 9 LayerNorms and channel means refit to the kept channels" in summary
     writers = ["/patch/Conv"] + [f"/blocks/blocks.{b}/{p}/MatMul" for b in range(4) for p in ("proj", "fc2")]
     widths = {layers[w]["channels_after"] for w in writers}
     assert len(widths) == 1 and widths.pop() < 64, [layers[w] for w in writers]
+    norms = [l for name, l in layers.items() if l["op"] == "LayerNormalization"]
+    assert len(norms) == 9 and all(l["channels_after"] == layers["/patch/Conv"]["channels_after"] for l in norms)
     assert top1_drop(MODELS / "mnist_vit.onnx", out) <= 0.03
 
 
