@@ -552,19 +552,25 @@ def _regrouped_axis(node: gs.Node, axis: int) -> int | None:
     x, out = node.inputs[0], node.outputs[0]
     if node.op == "Reshape" and (_copied_prefix(node) or 0) > axis:
         return axis
-    if x.shape is None or out.shape is None or not all(isinstance(d, int) for d in list(x.shape) + list(out.shape)):
+    if x.shape is None or out.shape is None or not isinstance(x.shape[axis], int):
         return None
     target = const_value(node.inputs[1]) if node.op == "Reshape" else None
     if node.op == "Reshape" and target is None:
         return None
-    before = int(np.prod(x.shape[:axis]))
+    before = _extent(x.shape[:axis])
     for b in range(len(out.shape)):
-        if int(np.prod(out.shape[:b])) == before and out.shape[b] == x.shape[axis]:
+        extent = _extent(out.shape[:b])
+        if extent == before and out.shape[b] == x.shape[axis]:
             copies = set() if target is None or node.attrs.get("allowzero", 0) else {j for j, v in enumerate(target) if v == 0}
             return None if b != axis and copies & {axis, b} else b  # a 0 copies the input's dim at its index (allowzero: a 0 is a 0)
-        if int(np.prod(out.shape[:b])) > before:
+        if extent[1] == before[1] and extent[0] > before[0]:
             return None
     return None
+
+
+def _extent(dims) -> tuple[int, tuple]:
+    """The size of a run of dims: the product of the known ones and the named ones (a dynamic batch 'N')."""
+    return int(np.prod([d for d in dims if isinstance(d, int)])), tuple(sorted(str(d) for d in dims if not isinstance(d, int)))
 
 
 def _dims_read_apart(shape: gs.Node, axis: int) -> bool:
