@@ -347,6 +347,24 @@ def test_align_channels_pads_a_depthwise_block_read_as_tokens():
     assert weights[linear.input[1]] == [16, 6]
 
 
+def test_align_channels_leaves_a_depthwise_block_a_layernorm_normalizes():
+    """The depthwise block of test_align_channels_pads_a_depthwise_block_read_as_tokens, with a LayerNorm over
+    the tokens' features before the Linear: zero channels would change its mean and variance, so the space
+    stays at 5 channels and the outputs are unchanged."""
+    c = 5
+    nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"], name="expand"),
+             helper.make_node("Conv", ["e", "wd", "bd"], ["d"], name="dw", group=c, pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["d"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("LayerNormalization", ["t", "g", "b"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "wl"], ["m"], name="linear"), helper.make_node("Add", ["m", "bl"], ["y"])]
+    inits = [init("we", rand(c, 3, 1, 1)), init("be", rand(c)), init("wd", rand(c, 1, 3, 3)), init("bd", rand(c)),
+             init("g", rand(c)), init("b", rand(c)), init("wl", rand(c, 6)), init("bl", rand(6))]
+    original = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 4, 4])], [("y", TensorProto.FLOAT, None)], inits, opset=17)
+    changed, aligned = run_pass(original, "align-channels")
+    assert not changed
+    outputs_close(original, aligned, {"x": rand(1, 3, 4, 4)}, rtol=1e-5)
+
+
 def test_lossless_check_after_a_lossy_pass_compares_with_that_pass_output(tmp_path):
     """prune changes outputs; align-channels after it is held to the pruned model, not to the original."""
     from compiler.api import compile_model
