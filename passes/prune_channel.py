@@ -3,8 +3,8 @@
 Which channels go together comes from the dependency analysis in channel_groups (residual Adds, SE gates,
 Concat/Split/Slice offsets, depthwise convs, BatchNorm, per-channel constants, Flatten/Reshape into Gemm,
 Linear layers on the last axis of token tensors and the layout ops around them, whole attention heads,
-streams that LayerNorms normalize); a space that analysis blocks is left whole. Channels are ranked by their activation-aware contribution to
-the layers that read them; how many each space loses follows the model's measured output error when that
+streams that LayerNorms normalize); a space that analysis blocks is left whole. Channels are ranked by their
+activation-aware contribution to the layers that read them; how many each space loses follows the model's measured output error when that
 space alone loses its lowest-ranked channels, per weight and MAC removed; a space keeps a multiple of the
 target's alignment, and every consuming layer is refit by least squares (with an intercept, so the mean of
 the removed channels moves into its bias) on the calibration statistics of its input. LayerNorms and channel
@@ -222,7 +222,8 @@ def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int, r
     across all spaces. Worth counts MACs as well as weights: by weights alone the late, large-but-cheap layers
     would take nearly all the pruning (on efficientnet_lite0, half the MAC reduction). The sum of `cost` over the
     dropped channels, which counts a weight twice when its row and its column both go, only saves calls to
-    `removed_by` until it passes `target`."""
+    `removed_by` until it passes `target`. Then units taken are given back, costliest first, while the rest
+    still reach `target`, so a wide last unit does not overshoot the ratio."""
     units = {s.index: _units(s, scores[s.index], round_to) for s in spaces}
     channels = {s.index: s.channels for s in spaces}
 
