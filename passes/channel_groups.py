@@ -116,9 +116,12 @@ def is_normalizer(node: gs.Node, axis: int | None) -> bool:
 
 def is_channel_mean(node: gs.Node, axis: int | None) -> bool:
     """A ReduceMean over channel axis `axis` alone that keeps it (size 1), a statistic read by broadcasting:
-    a LayerNorm written out, ConvNeXt-V2's global response normalization. Like a LayerNorm, removing channels
-    changes it; normalizer_fit corrects it."""
+    a LayerNorm written out, ConvNeXt-V2's global response normalization; or the GlobalAveragePool that
+    reduce-mean-to-pool makes of such a mean over the last axis of [batch, tokens, features]. Like a LayerNorm,
+    removing channels changes it; normalizer_fit corrects it."""
     shape = node.inputs[0].shape
+    if node.op == "GlobalAveragePool":
+        return shape is not None and len(shape) == 3 and axis == 2
     if node.op != "ReduceMean" or shape is None or axis is None or not node.attrs.get("keepdims", 1):
         return False
     given = node.attrs.get("axes") if "axes" in node.attrs else (
