@@ -420,8 +420,8 @@ def resnet_channel_pruned(tmp_path, options: str):
 def test_sequential_refit_brings_the_pruned_resnet_back_towards_float(tmp_path):
     """After channel pruning, each layer is refit in order on the pruned model's own inputs to the float model's
     output at the channels it kept: on held-out digits the logits' error to float must drop below the error
-    of the same channel choice without that refit (0.224 against 0.262 since the stem joins the first stage's
-    stream; 0.267 against 0.456 before), with no layer's calibration error growing (channels spread by rank,
+    of the same channel choice without that refit (0.224 against 0.262 since the allocation stopped
+    overshooting the ratio; 0.267 against 0.456 before), with no layer's calibration error growing (channels spread by rank,
     where the cut leaves the most to repair)."""
     errors, shapes = {}, {}
     for refit in ("true", "false"):
