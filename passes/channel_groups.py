@@ -102,8 +102,8 @@ def is_depthwise(node: gs.Node) -> bool:
 
 
 def is_normalizer(node: gs.Node, axis: int | None) -> bool:
-    """A LayerNormalization over channel axis `axis` alone, the last axis, with per-channel (or no) scale and
-    bias and no statistics output read. Its channels stay aligned, but each output depends on all of them
+    """A LayerNormalization over channel axis `axis` alone, the last axis, with a per-channel constant scale
+    (and bias) and no statistics output read. Its channels stay aligned, but each output depends on all of them
     through the mean and variance: removing channels changes the others' statistics, which prune_channel
     corrects (see normalizer_fit); it is not an exact removal even for a channel that is always 0."""
     shape = node.inputs[0].shape
