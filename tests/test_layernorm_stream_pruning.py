@@ -1,7 +1,8 @@
 """Channel pruning of a residual stream that LayerNorms normalize (a transformer's embedding width, ConvNeXt's
-stage width): the LayerNorm keeps channels aligned, its scale and bias are sliced, and its scale and bias are
-refit to the statistics over the kept channels (passes/normalizer_fit); the stem that writes the stream (a
-ViT's patch embedding) loses the stream's channels with it.
+stage width): the LayerNorm keeps channels aligned, and its scale and bias are sliced, then refit to the
+statistics over the kept channels (passes/normalizer_fit); a mean over the channels (a LayerNorm written out)
+is such a statistic too, refit by a Mul and an Add after it; the stem that writes the stream (a ViT's patch
+embedding) loses the stream's channels with it.
 """
 
 import numpy as np
