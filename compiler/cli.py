@@ -103,7 +103,8 @@ def _pruning_line(facts: dict, layers: list[dict]) -> str:
     """'pruning: 70.0% of 29,744 prunable weights removed (sparse); kept dense: 'conv0', 'fc'' (the stem and
     classifier are outside the ratio, which is why the model's params fall by less than --prune), each layer
     followed by its PyTorch module when the exporter recorded one; channel mode adds '; attention heads 16 → 9'
-    when it could prune heads, and how many LayerNorms and channel means it refit when their streams narrowed."""
+    when it could prune heads, and how many LayerNorms and channel means it refit when their streams narrowed; a
+    layer kept dense that lost the channels of the stream it writes (a ViT's patch embedding) says so."""
     how = facts["mode"] + (f", {len(facts['steps'])} steps" if len(facts.get("steps", [])) > 1 else "")
     line = (f"pruning: {facts['achieved_ratio']:.1%} of {facts['prunable_weights']:,} prunable weights removed "
             f"({how})")
@@ -112,9 +113,15 @@ def _pruning_line(facts: dict, layers: list[dict]) -> str:
     if facts.get("statistics_refit"):
         line += f"; {facts['statistics_refit']} LayerNorms and channel means refit to the kept channels"
     if facts.get("kept_dense"):
-        modules = {layer["name"]: layer.get("pytorch_module") for layer in layers}
-        line += "; kept dense: " + ", ".join(f"'{name}'" + (f" ({modules[name]})" if modules.get(name) else "")
-                                              for name in facts["kept_dense"])
+        by_name = {layer["name"]: layer for layer in layers}
+
+        def dense(name: str) -> str:
+            layer = by_name.get(name, {})
+            notes = [layer["pytorch_module"]] if layer.get("pytorch_module") else []
+            if "channels_after" in layer:  # a stem that lost the channels of the stream it writes
+                notes.append(f"channels {layer['channels_before']} → {layer['channels_after']} with its stream")
+            return f"'{name}'" + (f" ({'; '.join(notes)})" if notes else "")
+        line += "; kept dense: " + ", ".join(dense(name) for name in facts["kept_dense"])
     return line
 
 

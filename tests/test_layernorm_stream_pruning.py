@@ -98,6 +98,7 @@ def test_the_sample_vit_narrows_its_residual_stream_at_0_7(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "70.0% of 163,840 prunable weights removed" in summary
     assert "; 9 LayerNorms and channel means refit to the kept channels" in summary
+    assert "kept dense: '/patch/Conv' (channels 64 → 48 with its stream)" in summary
     writers = ["/patch/Conv"] + [f"/blocks/blocks.{b}/{p}/MatMul" for b in range(4) for p in ("proj", "fc2")]
     widths = {layers[w]["channels_after"] for w in writers}
     assert len(widths) == 1 and widths.pop() < 64, [layers[w] for w in writers]
