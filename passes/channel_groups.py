@@ -213,6 +213,10 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
             links.add_node(out.name)
             rewrites.append(node)
             continue
+        x_axis = axis_of.get(ins[0].name) if ins else None
+        if ins and node.inputs[0] is ins[0] and is_channel_mean(node, x_axis):  # its output is not indexed by channels
+            normalizers.setdefault(ins[0].name, []).append(node)
+            continue
         rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
         moved = _moved_axis(node, ins, axis_of) if node.op in LAYOUT else None
         axis = _output_axis(node, ins, axis_of, rank, moved)
@@ -222,7 +226,6 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
             axis_of[t.name] = axis
             links.add_node(t.name)
         op = node.op
-        x_axis = axis_of.get(ins[0].name) if ins else None
 
         if _linear_weight(node) is not None:
             reads = 1 if op != "MatMul" else len(node.inputs[0].shape or ()) - 1
@@ -289,12 +292,6 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                 rewrites.append(node)
             continue
         if op == "Shape" and ins and _dims_read_apart(node, x_axis):
-            continue
-        if ins and node.inputs[0] is ins[0] and is_channel_mean(node, x_axis):  # its output is not indexed by channels
-            for t in outs:
-                del channel_tensors[t.name], axis_of[t.name]
-                links.remove_node(t.name)
-            normalizers.setdefault(ins[0].name, []).append(node)
             continue
         if moved is not None and outs:
             for t in ins:

@@ -78,7 +78,8 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
                                     f"are blocked{aligned}{why}; --prune {fits:.2f} fits, or --prune-mode "
                                     f"sparse prunes every layer")
     worth = None
-    curves = _measured_curves(module, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
+    proto = module.to_proto() if stats else None  # the model before the cut, for measurements and statistics fits
+    curves = _measured_curves(module, proto, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
     if curves is not None:  # what removing a channel gains: its fraction of the weights plus its fraction of the MACs
         total_macs = max(sum(int(np.asarray(n.inputs[1].values).size) * _positions(n) for n in layers), 1)
         worth = {s.index: cost[s.index] / total + _channel_cost(analysis, s, macs=True) / total_macs for s in usable}
@@ -87,7 +88,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
     fits = [StatisticFit(n, kept_positions(analysis.view[n.inputs[0].name], keep), analysis.axis[n.inputs[0].name])
             for i in keep for n in analysis.spaces[i].normalizers]
-    fits = fit_statistics(module.to_proto(), ctx, fits) if data_driven else []
+    fits = fit_statistics(proto, ctx, fits) if proto is not None else []
     widths = [int(fit.node.inputs[0].shape[fit.axis]) for fit in fits]
     _apply(graph, analysis, keep, stats, ctx)
     for fit, width in zip(fits, widths):
@@ -261,7 +262,7 @@ def _allocate(spaces: list[Space], cost, scores, target: float, round_to: int, r
 POINTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
-def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space], scores, stats,
+def _measured_curves(module, proto, ctx, analysis: ChannelAnalysis, spaces: list[Space], scores, stats,
                      round_to: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per space: the model's output error (see prune_sensitivity) when that space alone loses each fraction of
     POINTS of its channels, lowest-ranked first, as pruning removes them: every layer reading the space loses
@@ -293,7 +294,7 @@ def _measured_curves(module, ctx, analysis: ChannelAnalysis, spaces: list[Space]
         return out
 
     with ctx.progress("Measuring channel-space sensitivity", len(units)) as advance:
-        grid, errors = measured_curves(module.to_proto(), units, ctx.calib, prune, points=POINTS, progress=advance)
+        grid, errors = measured_curves(proto, units, ctx.calib, prune, points=POINTS, progress=advance)
     return {s.index: (grid, errors.get(str(s.index), grid * 1e30)) for s in spaces}
 
 

@@ -55,19 +55,21 @@ def test_the_layernorm_fit_is_exact_without_removal_and_repairs_the_statistics_w
     assert after < 0.6 * before, (before, after)
 
 
+def quieten(initializers, channels, rows=(), columns=()) -> None:
+    """Scale output `channels` of the writing layers by 0.01 in place: on the first axis of the initializers
+    named in `rows` (a Conv's weight, any bias), on the last of those in `columns` (a MatMul's weight)."""
+    for t in initializers:
+        if t.name in rows or t.name in columns:
+            v = onnx.numpy_helper.to_array(t).copy()
+            v[(slice(None),) * (v.ndim - 1 if t.name in columns else 0) + (list(channels),)] *= 0.01
+            t.CopyFrom(onnx.numpy_helper.from_array(v, t.name))
+
+
 def quiet_stream(proto: onnx.ModelProto, channels) -> onnx.ModelProto:
     """`proto` (convnext_model) with the stream `channels` near zero in both layers writing them."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    for t in out.graph.initializer:
-        v = onnx.numpy_helper.to_array(t).copy()
-        if t.name in ("stem_w", "stem_b"):
-            v[list(channels)] *= 0.01
-        elif t.name in ("pw2_w", "pw2_b"):
-            v[..., list(channels)] *= 0.01
-        else:
-            continue
-        t.CopyFrom(onnx.numpy_helper.from_array(v, t.name))
+    quieten(out.graph.initializer, channels, rows=("stem_w", "stem_b", "pw2_b"), columns=("pw2_w",))
     return out
 
 
@@ -154,11 +156,7 @@ def written_out_model(quiet=range(16, 24)) -> onnx.ModelProto:
     nodes += linear("fc1", "n0", 24, 32, "h", inits) + [helper.make_node("Relu", ["h"], ["r"])]
     nodes += linear("fc2", "r", 32, 24, "o", inits) + [helper.make_node("Add", ["e", "o"], ["s"])]
     nodes += normed("s", "n1", 24, inits, "ln1") + linear("head", "n1", 24, 5, "y", inits)
-    for t in inits:
-        if t.name in ("embed_w", "embed_b", "fc2_w", "fc2_b"):
-            v = onnx.numpy_helper.to_array(t).copy()
-            v[..., list(quiet)] *= 0.01
-            t.CopyFrom(onnx.numpy_helper.from_array(v, t.name))
+    quieten(inits, quiet, rows=("embed_b", "fc2_b"), columns=("embed_w", "fc2_w"))
     return model(nodes, [("x", TensorProto.FLOAT, [1, 6, 16])], [("y", TensorProto.FLOAT, [1, 6, 5])], inits)
 
 
