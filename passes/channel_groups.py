@@ -40,6 +40,9 @@ REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "Redu
           "ReduceLogSumExp"}
 LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat"} | REDUCE  # _moved_axis
 DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
+# ops that carry a statistic over the channels on (a written-out LayerNorm's variance and 1/σ)
+STATISTIC_OPS = ELEMENTWISE | {"Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Cast", "Identity", "Relu", "Clip",
+                               "Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten"}
 # inputs of these ops, past the first, that are per-channel constants to slice (or not channel-wise at all)
 CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "PRelu": (1,), "Clip": (),
                   "Resize": (), "Upsample": (), "Pad": (), "LayerNormalization": (1, 2)}
@@ -115,14 +118,15 @@ def is_normalizer(node: gs.Node, axis: int | None) -> bool:
 
 
 def is_channel_mean(node: gs.Node, axis: int | None) -> bool:
-    """A ReduceMean over channel axis `axis` alone that keeps it (size 1), a statistic read by broadcasting:
-    a LayerNorm written out, ConvNeXt-V2's global response normalization; or the GlobalAveragePool that
-    reduce-mean-to-pool makes of such a mean over the last axis of [batch, tokens, features]. Like a LayerNorm,
-    removing channels changes it; normalizer_fit corrects it."""
+    """A ReduceMean or ReduceSum over channel axis `axis` alone, a statistic whose output no channel indexes:
+    a LayerNorm written out (as a mean, or as jax2tf and TF write it, a sum times 1/C), ConvNeXt-V2's global
+    response normalization; or the GlobalAveragePool that reduce-mean-to-pool makes of a mean over the last
+    axis of [batch, tokens, features]. Like a LayerNorm, removing channels changes it; normalizer_fit
+    corrects it."""
     shape = node.inputs[0].shape
     if node.op == "GlobalAveragePool":
         return shape is not None and len(shape) == 3 and axis == 2
-    if node.op != "ReduceMean" or shape is None or axis is None or not node.attrs.get("keepdims", 1):
+    if node.op not in ("ReduceMean", "ReduceSum") or shape is None or axis is None:
         return False
     given = node.attrs.get("axes") if "axes" in node.attrs else (
         const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
@@ -157,12 +161,28 @@ def _output_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int], r
         return moved
     if node.op == "LayerNormalization" and ins and node.inputs[0] is ins[0]:
         return axis_of[ins[0].name]
+    if not ins and node.op in ELEMENTWISE and rank is not None and _constant_axis(node, rank) is not None:
+        return _constant_axis(node, rank)
     if not ins or rank is None or node.op in LAYOUT:
         return 1
     if (node.op not in PASS_THROUGH and node.op not in ELEMENTWISE) or any(len(t.shape) != rank for t in ins):
         return 1
     wide = [axis_of[t.name] for t in ins if (channels_of(t, axis_of[t.name]) or 0) > 1]  # not a broadcast operand
     return wide[0] if wide else axis_of[ins[0].name]
+
+
+def _constant_axis(node: gs.Node, rank: int) -> int | None:
+    """The channel axis of an element-wise product of statistics and constants (1/σ times a LayerNorm's
+    scale): the one axis besides the batch along which its constant inputs vary and its other inputs do not;
+    else None."""
+    constant, variable = set(), set()
+    for t in node.inputs:
+        shape = np.shape(t.values) if isinstance(t, gs.Constant) else t.shape
+        if shape is None or len(shape) > rank:
+            return None
+        wide = {rank - len(shape) + i for i, d in enumerate(shape) if d != 1}
+        (constant if isinstance(t, gs.Constant) else variable).update(wide)
+    return constant.pop() if len(constant) == 1 and not constant & (variable | {0}) else None
 
 
 def _axis(node: gs.Node, rank: int | None) -> int | None:
@@ -189,6 +209,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
     rewrites: list[gs.Node] = []
     channel_tensors: dict[str, gs.Tensor] = {}
     axis_of: dict[str, int] = {}                 # channel tensor -> its channel axis
+    statistic: set[str] = set()                  # tensors computed from channel means alone (no channel index)
     from passes.attention_heads import head_regions  # builds on this module's axis rules
     regions = head_regions(graph)
     inside = {id(n) for r in regions for n in r.nodes + [s.node for s in r.splits]}
@@ -216,7 +237,21 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
         x_axis = axis_of.get(ins[0].name) if ins else None
         if ins and node.inputs[0] is ins[0] and is_channel_mean(node, x_axis):  # its output is not indexed by channels
             normalizers.setdefault(ins[0].name, []).append(node)
+            statistic.update(t.name for t in node.outputs)
             continue
+        read = [t for t in node.inputs if t.name in statistic]
+        if read and not ins:  # computed from statistics: not indexed by channels either, unless scaled per channel
+            rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
+            per_channel = node.op in ELEMENTWISE and rank is not None and _constant_axis(node, rank) is not None
+            if node.op in STATISTIC_OPS and not per_channel:
+                statistic.update(t.name for t in node.outputs)
+                continue
+        if read and node.op not in ELEMENTWISE:  # read otherwise: channel tensors from their op, as any other
+            for t in read:
+                channel_tensors[t.name], axis_of[t.name], origin[t.name] = t, 1, f"'{t.inputs[0].name}' ({t.inputs[0].op})"
+                links.add_node(t.name)
+            ins = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in channel_tensors]
+            x_axis = axis_of.get(ins[0].name) if ins else None
         rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
         moved = _moved_axis(node, ins, axis_of) if node.op in LAYOUT else None
         axis = _output_axis(node, ins, axis_of, rank, moved)

@@ -2,7 +2,8 @@
 
 A LayerNormalization computes each output from its channel's input and the mean and variance over all
 channels; a ReduceMean over the channel axis (a LayerNorm written out, ConvNeXt-V2's global response
-normalization) is such a statistic itself. With channels removed, the statistics are taken over fewer: the
+normalization) is such a statistic itself, as is a ReduceSum over them (jax2tf writes a LayerNorm's mean as
+a sum times 1/C). With channels removed, the statistics are taken over fewer: the
 kept outputs change by a factor and shift that vary little from token to token (removing low-energy channels
 raises the variance by about C/k). Both are fit by least squares on calibration inputs of the model before
 pruning, accumulated batch by batch (no activation is held):
@@ -10,8 +11,9 @@ pruning, accumulated batch by batch (no activation is held):
 - LayerNorm: per kept channel i, the value normalized over all channels z_i is regressed on the value
   normalized over the kept ones z'_i, z_i ≈ a_i z'_i + c_i, and the scale and bias absorb the line:
   γ'_i = γ_i a_i, β'_i = β_i + γ_i c_i.
-- ReduceMean: the mean over all channels m is regressed on the mean over the kept ones m', m ≈ a m' + c,
-  and a Mul and an Add after the ReduceMean apply the line (nothing is added when it is the identity).
+- ReduceMean (ReduceSum): the mean (sum) over all channels m is regressed on the mean (sum) over the kept
+  ones m', m ≈ a m' + c, and a Mul and an Add after the reduction apply the line (nothing is added when it
+  is the identity).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class _Line:
 
 
 class StatisticFit:
-    """The fit of one LayerNorm (see `is_normalizer`) or channel-mean ReduceMean that loses channels: `kept`
+    """The fit of one LayerNorm (see `is_normalizer`) or channel mean or sum (`is_channel_mean`) that loses channels: `kept`
     are the positions it keeps on channel axis `axis` of its input."""
 
     def __init__(self, node: gs.Node, kept: np.ndarray, axis: int):
@@ -63,10 +65,11 @@ class StatisticFit:
             eps = float(self.node.attrs.get("epsilon", 1e-5))
             self.line.add(_normalized(rows[:, self.kept], eps), _normalized(rows, eps)[:, self.kept])
         else:
-            self.line.add(rows[:, self.kept].mean(1, keepdims=True), rows.mean(1, keepdims=True))
+            reduce = np.sum if self.node.op == "ReduceSum" else np.mean
+            self.line.add(reduce(rows[:, self.kept], 1, keepdims=True), reduce(rows, 1, keepdims=True))
 
     def apply(self, graph: gs.Graph) -> None:
-        """Fold the fitted line into the (already sliced) LayerNorm's scale and bias, or after the ReduceMean."""
+        """Fold the fitted line into the (already sliced) LayerNorm's scale and bias, or after the reduction."""
         node = self.node
         a, c = self.line.fit()
         if node.op != "LayerNormalization":

@@ -61,7 +61,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     usable = [s for s in base if not s.blocked and s.channels > _step(s, round_to)]
     total = sum(int(n.inputs[1].values.size) for n in layers)
     consumers = analysis.consumers
-    stats = layer_statistics(module, ctx, [n for n, _ in consumers]) if data_driven else {}
+    stats = layer_statistics(module, ctx, [n for n, _ in consumers], holdout=True) if data_driven else {}
     cost = {s.index: _channel_cost(analysis, s) for s in usable}
     scores = {s.index: _scores(analysis, s, stats, data_driven) for s in usable}
     removed_by = partial(_removed_weights, analysis, layers)
@@ -87,7 +87,8 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     removed = removed_by(removal)
     keep = {i: np.setdiff1d(np.arange(analysis.spaces[i].channels), d) for i, d in removal.items() if d}
     fits = [StatisticFit(n, kept_positions(analysis.view[n.inputs[0].name], keep), analysis.axis[n.inputs[0].name])
-            for i in keep for n in analysis.spaces[i].normalizers]
+            for s in analysis.spaces for n in s.normalizers
+            if any(p.space in keep for p in analysis.view[n.inputs[0].name])]
     fits = fit_statistics(proto, ctx, fits) if proto is not None else []
     widths = [int(fit.node.inputs[0].shape[fit.axis]) for fit in fits]
     _apply(graph, analysis, keep, stats, ctx)
@@ -315,9 +316,10 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
         bias = np.asarray(node.inputs[2].values, np.float64).reshape(-1) if has_bias else np.zeros(rows.shape[0])
         delta = None
         if key in cols_kept:
-            rows, delta = _refit(rows, cols_kept[key][1], stats.get(node.name))
+            rows, delta, ridge = _refit(rows, cols_kept[key][1], stats.get(node.name))
             if ctx is not None:
-                ctx.layer(node.name, refit="least-squares" if delta is not None else "none")
+                ctx.layer(node.name, **({"refit": "least-squares", "refit_ridge": ridge} if delta is not None
+                                        else {"refit": "none"}))
         if delta is not None and node.op != "MatMul":
             bias = bias + delta
         kept = rows_kept[key][1] if key in rows_kept else np.arange(rows.shape[0])
@@ -375,7 +377,7 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
         src = analysis.view[node.inputs[0].name]
         c = sum(p.length for p in src)
         kept = kept_positions(src, keep)
-        starts, ends = (np.array(const_value(t), dtype=np.int64) for t in node.inputs[1:3])
+        starts, ends = (np.array(const_value(t)) for t in node.inputs[1:3])  # int32 or int64, kept as given
         rank = len(node.inputs[0].shape)
         axes = const_value(node.inputs[3]) if len(node.inputs) > 3 else np.arange(len(starts))
         i = [int(a) % rank for a in axes].index(1)
@@ -388,16 +390,37 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
         set_shape_entry(graph, node, analysis.axis[out], len(kept_positions(analysis.view[out], keep)))
 
 
-def _refit(rows: np.ndarray, cols: np.ndarray, stats) -> tuple[np.ndarray, np.ndarray | None]:
-    """Weights on the kept columns and a bias change reproducing the full layer output in least squares.
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)  # λ as a fraction of the kept inputs' mean Σx²: the candidates
 
-    Minimizes Σ‖W x − W' x_kept − δ‖² + λ‖W' − W_kept‖² (a ridge towards the kept weights, so removing
-    columns whose inputs are always zero changes nothing)."""
+
+def _refit(rows: np.ndarray, cols: np.ndarray, stats) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Weights on the kept columns, a bias change reproducing the full layer output in least squares, and the
+    ridge chosen.
+
+    Minimizes Σ‖W x − W' x_kept − δ‖² + λ‖W' − W_kept‖², a ridge towards the kept weights (so removing columns
+    whose inputs are always zero changes nothing). λ is the candidate of RIDGES whose fits on one half of the
+    calibration batches reproduce the other half best, both ways round: with few samples for the columns
+    kept (a classifier reading one vector per sample), a light ridge fits the calibration set and nothing
+    else. Without a held-out half, the lightest candidate."""
     if stats is None or len(stats.hessians) != 1:
-        return rows[:, cols], None
-    h, s, n = stats.hessians[0], stats.sums[0], float(stats.count)
+        return rows[:, cols], None, 0.0
+    held = stats.held
+    sums = (stats.hessians[0], stats.sums[0], float(stats.count))
+    ridge = RIDGES[0]
+    if held is not None and 0 < held.count < stats.count and len(cols):
+        halves = [(held.hessians[0], held.sums[0], float(held.count))]
+        halves.append(tuple(a - b for a, b in zip(sums, halves[0])))
+        error = [sum(_held_error(rows, cols, test, *_ridge_fit(rows, cols, fit, r))
+                     for fit, test in (halves, halves[::-1])) for r in RIDGES]
+        ridge = RIDGES[int(np.argmin(error))]
+    return *_ridge_fit(rows, cols, sums, ridge), ridge
+
+
+def _ridge_fit(rows: np.ndarray, cols: np.ndarray, sums, ridge: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """The minimizer of `_refit`'s objective on sums (Σxxᵀ, Σx, n) at λ = `ridge` · mean Σx² of the kept inputs."""
+    h, s, n = sums
     k = len(cols)
-    lam = 1e-3 * max(float(np.mean(np.diag(h)[cols])), 1e-12) if k else 0.0
+    lam = ridge * max(float(np.mean(np.diag(h)[cols])), 1e-12) if k else 0.0
     a = np.zeros((k + 1, k + 1))
     a[:k, :k] = h[np.ix_(cols, cols)] + lam * np.eye(k)
     a[:k, k] = a[k, :k] = s[cols]
@@ -408,3 +431,12 @@ def _refit(rows: np.ndarray, cols: np.ndarray, stats) -> tuple[np.ndarray, np.nd
     except np.linalg.LinAlgError:
         return rows[:, cols], None
     return sol[:k].T, sol[k]
+
+
+def _held_error(rows: np.ndarray, cols: np.ndarray, sums, kept_rows: np.ndarray, delta: np.ndarray | None) -> float:
+    """Σ‖W x − W' x_kept − δ‖² over the rows summed in `sums`."""
+    h, s, n = sums
+    v = rows.astype(np.float64).copy()
+    v[:, cols] -= kept_rows
+    d = np.zeros(len(v)) if delta is None else delta
+    return float(np.sum((v @ h) * v) - 2 * d @ (v @ s) + n * d @ d)

@@ -75,16 +75,21 @@ def rows_to_weight(node: gs.Node, rows: np.ndarray, shape: tuple | None = None) 
 
 @dataclass
 class LayerStats:
-    """Σ x xᵀ per group ([groups, d, d]), Σ x per group ([groups, d]) and the number of rows seen."""
+    """Σ x xᵀ per group ([groups, d, d]), Σ x per group ([groups, d]) and the number of rows seen; with a
+    holdout, the same sums again over the held-out half of the batches (`held`), for choosing a refit's ridge."""
 
     groups: int
     hessians: np.ndarray | None = None
     sums: np.ndarray | None = None
     count: int = 0
+    held: "LayerStats | None" = None
 
-    def add(self, rows: np.ndarray) -> None:
-        """Accumulate one batch of rows, shaped [n, groups, d]."""
+    def add(self, rows: np.ndarray, held: bool = False) -> None:
+        """Accumulate one batch of rows, shaped [n, groups, d]; `held` also counts it in the held-out half."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if held:
+            self.held = self.held or LayerStats(self.groups)
+            self.held.add(rows)
         if self.hessians is None:
             self.hessians = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]))
             self.sums = np.zeros((rows.shape[1], rows.shape[2]))
@@ -168,8 +173,10 @@ def layer_inputs(node: gs.Node, x: np.ndarray, rng: np.random.Generator,
     return patches.reshape(len(patches), group, -1)
 
 
-def layer_statistics(module, ctx, layers: list[gs.Node], max_samples: int | None = None) -> dict[str, LayerStats]:
-    """LayerStats for every layer, from one streaming pass over (at most `max_samples` of) the calibration data."""
+def layer_statistics(module, ctx, layers: list[gs.Node], max_samples: int | None = None,
+                     holdout: bool = False) -> dict[str, LayerStats]:
+    """LayerStats for every layer, from one streaming pass over (at most `max_samples` of) the calibration data;
+    with `holdout`, every other batch of samples is also summed apart (a sample's rows stay in one half)."""
     if ctx is None or ctx.calib is None:
         return {}
     proto = module.to_proto()
@@ -180,11 +187,11 @@ def layer_statistics(module, ctx, layers: list[gs.Node], max_samples: int | None
     for n in layers:
         by_input.setdefault(n.inputs[0].name, []).append(n)
     with ctx.progress("Collecting layer statistics", ctx.calib.num_samples) as advance:
-        for values in stream_activations(proto, names, ctx.calib, batch_size=2, max_samples=max_samples,
-                                         progress=advance):
+        for batch, values in enumerate(stream_activations(proto, names, ctx.calib, batch_size=2,
+                                                          max_samples=max_samples, progress=advance)):
             for name, x in values.items():
                 for node in by_input[name]:
                     rows = layer_inputs(node, np.asarray(x, np.float32), rng)
                     if rows is not None:
-                        stats[node.name].add(rows)
+                        stats[node.name].add(rows, held=holdout and batch % 2 == 1)
     return {k: v for k, v in stats.items() if v.count}

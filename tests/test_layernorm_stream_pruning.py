@@ -7,6 +7,7 @@ embedding) loses the stream's channels with it.
 
 import numpy as np
 import onnx
+import pytest
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
@@ -125,8 +126,35 @@ def written_out_norm(x: str, out: str, name: str, scale: str, bias: str, inits: 
             helper.make_node("Add", [n + "_zg", bias], [out])]
 
 
-def normed(x: str, out: str, c: int, inits: list, name: str) -> list:
+def summed_norm(x: str, out: str, name: str, scale: str, bias: str, inits: list, c: int, eps: float = 1e-6) -> list:
+    """LayerNorm over the last axis as jax2tf writes it (magika): sums that drop the axis, times 1/C, the
+    variance as E[x²] - E[x]² clipped at 0, both unsqueezed back, x - mean times 1/sqrt(var + eps)."""
+    inits += [init(name + "_inv", np.float32(1 / c)), init(name + "_eps", np.float32(eps)),
+              init(name + "_zero", np.float32(0)), init(name + "_last", np.array([-1], np.int64))]
+    n = name
+    return [helper.make_node("ReduceSum", [x, n + "_last"], [n + "_s"], keepdims=0, name=n + "_sum"),
+            helper.make_node("Mul", [x, x], [n + "_x2"]),
+            helper.make_node("ReduceSum", [n + "_x2", n + "_last"], [n + "_s2"], keepdims=0, name=n + "_sum_sq"),
+            helper.make_node("Mul", [n + "_s", n + "_inv"], [n + "_mu"]),
+            helper.make_node("Mul", [n + "_s2", n + "_inv"], [n + "_m2"]),
+            helper.make_node("Mul", [n + "_mu", n + "_mu"], [n + "_mu2"]),
+            helper.make_node("Sub", [n + "_m2", n + "_mu2"], [n + "_v"]),
+            helper.make_node("Max", [n + "_zero", n + "_v"], [n + "_var"]),
+            helper.make_node("Unsqueeze", [n + "_mu", n + "_last"], [n + "_mu_u"]),
+            helper.make_node("Unsqueeze", [n + "_var", n + "_last"], [n + "_var_u"]),
+            helper.make_node("Add", [n + "_var_u", n + "_eps"], [n + "_ve"]),
+            helper.make_node("Sqrt", [n + "_ve"], [n + "_sd"]),
+            helper.make_node("Reciprocal", [n + "_sd"], [n + "_rs"]),
+            helper.make_node("Mul", [n + "_rs", scale], [n + "_rg"]),
+            helper.make_node("Sub", [x, n + "_mu_u"], [n + "_d"]),
+            helper.make_node("Mul", [n + "_d", n + "_rg"], [n + "_zg"]),
+            helper.make_node("Add", [n + "_zg", bias], [out])]
+
+
+def normed(x: str, out: str, c: int, inits: list, name: str, form: str = "mean") -> list:
     inits += [init(name + "_g", rand(c, scale=0.1) + 1), init(name + "_be", rand(c, scale=0.1))]
+    if form == "sum":
+        return summed_norm(x, out, name, name + "_g", name + "_be", inits, c)
     return written_out_norm(x, out, name, name + "_g", name + "_be", inits)
 
 
@@ -147,32 +175,37 @@ def layernorms_written_out(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def written_out_model(quiet=range(16, 24)) -> onnx.ModelProto:
+def written_out_model(quiet=range(16, 24), form: str = "mean") -> onnx.ModelProto:
     """embed Linear 16→24 on x[1, 6, 16] → written-out LayerNorm → Linear 24→32 → ReLU → Linear 32→24 added
-    back → written-out LayerNorm → head Linear 24→5; stream features `quiet` near zero in both writers."""
+    back → written-out LayerNorm → head Linear 24→5; stream features `quiet` near zero in both writers. The
+    LayerNorms take means (`form` "mean", opset-13 exports) or sums times 1/C ("sum", jax2tf)."""
     from test_channels_last_pruning import linear
     inits: list = []
-    nodes = linear("embed", "x", 16, 24, "e", inits) + normed("e", "n0", 24, inits, "ln0")
+    nodes = linear("embed", "x", 16, 24, "e", inits) + normed("e", "n0", 24, inits, "ln0", form)
     nodes += linear("fc1", "n0", 24, 32, "h", inits) + [helper.make_node("Relu", ["h"], ["r"])]
     nodes += linear("fc2", "r", 32, 24, "o", inits) + [helper.make_node("Add", ["e", "o"], ["s"])]
-    nodes += normed("s", "n1", 24, inits, "ln1") + linear("head", "n1", 24, 5, "y", inits)
+    nodes += normed("s", "n1", 24, inits, "ln1", form) + linear("head", "n1", 24, 5, "y", inits)
     quieten(inits, quiet, rows=("embed_b", "fc2_b"), columns=("embed_w", "fc2_w"))
     return model(nodes, [("x", TensorProto.FLOAT, [1, 6, 16])], [("y", TensorProto.FLOAT, [1, 6, 5])], inits)
 
 
-def test_a_mean_over_the_channels_is_a_statistic_the_fit_repairs():
-    """ReduceMean over the channel axis: with every channel kept the fit adds nothing; with the third of the
-    channels that carry little removed (what a ranking removes), the fitted mean of the kept channels (Mul and
-    Add after the ReduceMean, run by onnxruntime) is much closer to the mean over all channels than the plain
-    mean of the kept ones."""
+@pytest.mark.parametrize("op, keepdims", [("ReduceMean", 1), ("ReduceSum", 0)])
+def test_a_mean_over_the_channels_is_a_statistic_the_fit_repairs(op, keepdims):
+    """ReduceMean over the channel axis, or a ReduceSum dropping it (jax2tf's): with every channel kept the fit
+    adds nothing; with the third of the channels that carry little removed (what a ranking removes), the
+    fitted statistic of the kept channels (Mul and Add after the reduction, run by onnxruntime) is much closer
+    to the statistic over all channels than the plain one over the kept channels."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 64, 24)) * 0.3 + rng.standard_normal((1, 64, 1)) + 0.3
     x[..., :8] *= 0.05
     x = x.astype(np.float32)
 
     def mean_model(c):
-        return model([helper.make_node("ReduceMean", ["x"], ["y"], axes=[2], name="mean")],
-                     [("x", TensorProto.FLOAT, [1, 64, c])], [("y", TensorProto.FLOAT, [1, 64, 1])])
+        axes = dict(axes=[2]) if op == "ReduceMean" else {}  # ReduceSum reads them as an input from opset 13
+        return model([helper.make_node(op, ["x"] + (["axes"] if not axes else []), ["y"], keepdims=keepdims,
+                                       name="mean", **axes)],
+                     [("x", TensorProto.FLOAT, [1, 64, c])], [("y", TensorProto.FLOAT, [1, 64, 1][:2 + keepdims])],
+                     [] if axes else [init("axes", np.array([2], np.int64))])
 
     def fitted_mean(kept):
         graph = gs.import_onnx(mean_model(len(kept)))
@@ -202,6 +235,27 @@ def test_a_written_out_layernorm_keeps_the_stream_aligned_and_it_prunes(tmp_path
     out = pruned(tmp_path, proto, 0.3)
     width = weight_shape(out, "embed")[1]
     assert width < 24 and weight_shape(out, "fc2")[1] == weight_shape(out, "head")[0] == width
+    x = feed(proto)
+    want, got = run_model(proto, x)[0], run_model(out, x)[0]
+    assert np.linalg.norm(got - want) < 0.13 * np.linalg.norm(want)
+
+
+def test_a_layernorm_written_with_sums_as_jax2tf_does_keeps_the_stream_prunable(tmp_path):
+    """jax2tf's LayerNorm (magika's): ReduceSums over the features that drop the axis, times 1/C, Unsqueezed
+    back. The four sums are the stream's statistics, refit after the stream narrows like the means of the
+    opset-13 form (the stream features removed here are near zero, so the sums hardly change and the fitted
+    lines stay within 1% of the identity), and the outputs stay close."""
+    proto = written_out_model(form="sum")
+    spaces, _ = spaces_of(proto)
+    stream = spaces["embed"]
+    assert not stream.blocked and stream is spaces["fc2"]
+    assert sorted(n.name for n in stream.normalizers) == ["ln0_sum", "ln0_sum_sq", "ln1_sum", "ln1_sum_sq"]
+    out = pruned(tmp_path, proto, 0.3)
+    width = weight_shape(out, "embed")[1]
+    assert width < 24 and weight_shape(out, "fc2")[1] == weight_shape(out, "head")[0] == width
+    assert sum(n.op_type == "ReduceSum" for n in out.graph.node) == 4
+    lines = {t.name: float(onnx.numpy_helper.to_array(t)) for t in out.graph.initializer if t.name.endswith("_a")}
+    assert lines and all(abs(a - 1) < 0.01 for a in lines.values()), lines
     x = feed(proto)
     want, got = run_model(proto, x)[0], run_model(out, x)[0]
     assert np.linalg.norm(got - want) < 0.13 * np.linalg.norm(want)
