@@ -3,9 +3,9 @@
 `random_model(rng)` draws one model (input "x" [1, C, H, W], output "y"): convolutions (plain, strided,
 depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, summed Conv
 branches over one input (RepVGG-style, with a BatchNorm or identity branch), Concat of two branches,
-pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, LayerNorm, MatMul Linear
-layers, GELU), multi-head self-attention over the pixels (fused or separate q/k/v, per-head biases; or YOLO11's
-NCHW form), and optionally a classifier head
+pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, LayerNorm as the op or
+written out with means or with sums, MatMul Linear layers, GELU), multi-head self-attention over the pixels
+(fused or separate q/k/v, per-head biases; or YOLO11's NCHW form), and optionally a classifier head
 (GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
 hypothesis strategy over it.
 """
@@ -157,13 +157,37 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
 
 
 def _pre_norm(b: _Builder, t: str, c: int) -> str:
-    """Maybe (opset 17 and up) a LayerNorm over the last axis, with random scale and bias, as a pre-norm
-    transformer or ConvNeXt block writes one before its first Linear."""
-    if b.opset < 17 or b.rng.random() < 0.5:
+    """Maybe a LayerNorm over the last axis, with random scale and bias, as a pre-norm transformer or ConvNeXt
+    block writes one before its first Linear: the LayerNormalization op (opset 17 and up), or written out with
+    means (opset-13 exports) or with sums that drop the axis, times 1/C (jax2tf)."""
+    form = b.rng.random()
+    if form < 0.5:
         return t
-    scale = (1 + b.rng.standard_normal(c) * 0.3).astype(np.float32)
-    return b.node("LayerNormalization", [t, b.const("ln_g", scale), b.const("ln_b", (b.rng.standard_normal(c) * 0.1)
-                                                                          .astype(np.float32))], axis=-1)
+    scale = b.const("ln_g", (1 + b.rng.standard_normal(c) * 0.3).astype(np.float32))
+    shift = b.const("ln_b", (b.rng.standard_normal(c) * 0.1).astype(np.float32))
+    if b.opset >= 17 and form < 0.7:
+        return b.node("LayerNormalization", [t, scale, shift], axis=-1)
+    last = b.const("axes", np.array([-1], np.int64))
+    eps = b.const("eps", np.array(1e-5, np.float32))
+
+    def reduce(op, x, keepdims):  # ReduceSum reads its axes as an input from opset 13, ReduceMean from 18
+        if op == "ReduceSum" or b.opset >= 18:
+            return b.node(op, [x, last], keepdims=keepdims)
+        return b.node(op, [x], axes=[-1], keepdims=keepdims)
+
+    if form < 0.85:
+        mean = reduce("ReduceMean", t, 1)
+        centered = b.node("Sub", [t, mean])
+        var = reduce("ReduceMean", b.node("Mul", [centered, centered]), 1)
+        z = b.node("Div", [centered, b.node("Sqrt", [b.node("Add", [var, eps])])])
+        return b.node("Add", [b.node("Mul", [z, scale]), shift])
+    inv = b.const("inv_c", np.array(1.0 / c, np.float32))
+    mean = b.node("Mul", [reduce("ReduceSum", t, 0), inv])
+    square = b.node("Mul", [reduce("ReduceSum", b.node("Mul", [t, t]), 0), inv])
+    var = b.node("Max", [b.const("zero", np.array(0.0, np.float32)), b.node("Sub", [square, b.node("Mul", [mean, mean])])])
+    gain = b.node("Mul", [b.node("Reciprocal", [b.node("Sqrt", [b.node("Add", [b.node("Unsqueeze", [var, last]), eps])])]),
+                          scale])
+    return b.node("Add", [b.node("Mul", [b.node("Sub", [t, b.node("Unsqueeze", [mean, last])]), gain]), shift])
 
 
 def _token_mlp(b: _Builder, x: str, c: int, h: int, w: int) -> str:
