@@ -3,9 +3,9 @@
 A LayerNormalization computes each output from its channel's input and the mean and variance over all
 channels; a ReduceMean over the channel axis (a LayerNorm written out, ConvNeXt-V2's global response
 normalization) is such a statistic itself, as is a ReduceSum over them (jax2tf writes a LayerNorm's mean as
-a sum times 1/C). With channels removed, the statistics are taken over fewer: the
-kept outputs change by a factor and shift that vary little from token to token (removing low-energy channels
-raises the variance by about C/k). Both are fit by least squares on calibration inputs of the model before
+a sum times 1/C). With channels removed, the statistics are taken over fewer: the kept outputs change by a
+factor and shift that vary little from token to token (removing low-energy channels raises the variance by
+about C/k). Both are fit by least squares on calibration inputs of the model before
 pruning, accumulated batch by batch (no activation is held):
 
 - LayerNorm: per kept channel i, the value normalized over all channels z_i is regressed on the value
@@ -46,8 +46,8 @@ class _Line:
 
 
 class StatisticFit:
-    """The fit of one LayerNorm (see `is_normalizer`) or channel mean or sum (`is_channel_mean`) that loses channels: `kept`
-    are the positions it keeps on channel axis `axis` of its input."""
+    """The fit of one LayerNorm (see `is_normalizer`) or channel mean or sum (`is_channel_mean`) that loses
+    channels: `kept` are the positions it keeps on channel axis `axis` of its input."""
 
     def __init__(self, node: gs.Node, kept: np.ndarray, axis: int):
         self.node, self.kept, self.axis = node, np.asarray(kept), axis
