@@ -161,8 +161,8 @@ def _output_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int], r
         return moved
     if node.op == "LayerNormalization" and ins and node.inputs[0] is ins[0]:
         return axis_of[ins[0].name]
-    if not ins and node.op in ELEMENTWISE and rank is not None and _constant_axis(node, rank) is not None:
-        return _constant_axis(node, rank)
+    if not ins and node.op in ELEMENTWISE and rank is not None and (found := _constant_axis(node, rank)) is not None:
+        return found
     if not ins or rank is None or node.op in LAYOUT:
         return 1
     if (node.op not in PASS_THROUGH and node.op not in ELEMENTWISE) or any(len(t.shape) != rank for t in ins):
