@@ -209,7 +209,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
     rewrites: list[gs.Node] = []
     channel_tensors: dict[str, gs.Tensor] = {}
     axis_of: dict[str, int] = {}                 # channel tensor -> its channel axis
-    statistic: set[str] = set()                  # tensors computed from channel means alone (no channel index)
+    statistic: set[str] = set()                  # tensors computed from channel means or sums alone (no channel index)
     from passes.attention_heads import head_regions  # builds on this module's axis rules
     regions = head_regions(graph)
     inside = {id(n) for r in regions for n in r.nodes + [s.node for s in r.splits]}
@@ -239,9 +239,9 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
             normalizers.setdefault(ins[0].name, []).append(node)
             statistic.update(t.name for t in node.outputs)
             continue
+        rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
         read = [t for t in node.inputs if t.name in statistic]
         if read and not ins:  # computed from statistics: not indexed by channels either, unless scaled per channel
-            rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
             per_channel = node.op in ELEMENTWISE and rank is not None and _constant_axis(node, rank) is not None
             if node.op in STATISTIC_OPS and not per_channel:
                 statistic.update(t.name for t in node.outputs)
@@ -252,7 +252,6 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                 links.add_node(t.name)
             ins = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in channel_tensors]
             x_axis = axis_of.get(ins[0].name) if ins else None
-        rank = len(node.outputs[0].shape) if node.outputs and node.outputs[0].shape is not None else None
         moved = _moved_axis(node, ins, axis_of) if node.op in LAYOUT else None
         axis = _output_axis(node, ins, axis_of, rank, moved)
         outs = [t for t in node.outputs if channels_of(t, axis)]

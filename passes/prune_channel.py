@@ -4,11 +4,12 @@ Which channels go together comes from the dependency analysis in channel_groups 
 Concat/Split/Slice offsets, depthwise convs, BatchNorm, per-channel constants, Flatten/Reshape into Gemm,
 Linear layers on the last axis of token tensors and the layout ops around them, whole attention heads,
 streams that LayerNorms normalize); a space that analysis blocks is left whole. Channels are ranked by their
-activation-aware contribution to the layers that read them; how many each space loses follows the model's measured output error when that
-space alone loses its lowest-ranked channels, per weight and MAC removed; a space keeps a multiple of the
-target's alignment, and every consuming layer is refit by least squares (with an intercept, so the mean of
-the removed channels moves into its bias) on the calibration statistics of its input. LayerNorms and channel
-means over a space that lost channels are refit to the statistics of the kept ones (normalizer_fit).
+activation-aware contribution to the layers that read them; how many each space loses follows the model's
+measured output error when that space alone loses its lowest-ranked channels, per weight and MAC removed; a
+space keeps a multiple of the target's alignment, and every consuming layer is refit by ridge least squares
+(with an intercept, so the mean of the removed channels moves into its bias; the ridge chosen on held-out
+calibration batches) on the calibration statistics of its input. LayerNorms and channel means or sums over a
+space that lost channels are refit to the statistics of the kept ones (normalizer_fit).
 """
 
 from __future__ import annotations
@@ -436,7 +437,7 @@ def _ridge_fit(rows: np.ndarray, cols: np.ndarray, sums, ridge: float) -> tuple[
 def _held_error(rows: np.ndarray, cols: np.ndarray, sums, kept_rows: np.ndarray, delta: np.ndarray | None) -> float:
     """Σ‖W x − W' x_kept − δ‖² over the rows summed in `sums`."""
     h, s, n = sums
-    v = rows.astype(np.float64).copy()
+    v = rows.astype(np.float64)
     v[:, cols] -= kept_rows
     d = np.zeros(len(v)) if delta is None else delta
     return float(np.sum((v @ h) * v) - 2 * d @ (v @ s) + n * d @ d)
