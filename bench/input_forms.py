@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
-from ptq import quantize_nncf, quantize_ort  # noqa: E402
+from quantizers import quantize_nncf, quantize_ort  # noqa: E402
 
 
 def forms(task, folder: Path, calib: Path) -> dict[str, Path]:

@@ -59,7 +59,7 @@ def test_models_onnxruntime_quantized_compile_like_their_float_originals(corpus,
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import datasets
-    from ptq import quantize_ort
+    from quantizers import quantize_ort
 
     from compiler.api import compile_model
     from compiler.runtime import make_session
