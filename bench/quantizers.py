@@ -42,13 +42,10 @@ def at_least_opset13(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _source(task, out: Path) -> Path:
-    """The model file a peer reads: the task's model, or its opset-13 upgrade written beside `out`."""
-    original = onnx.load(str(task.model))
-    upgraded = at_least_opset13(original)
-    if upgraded is original:
-        return Path(task.model)
-    path = out.with_suffix(".opset13.onnx")
-    onnx.save(upgraded, str(path))
+    """The model file a peer reads: a copy of the task's model (upgraded to opset 13 when older) beside `out`.
+    Never the original: ModelOpt writes its shape-inferred model back over the file it is given."""
+    path = out.with_suffix(".input.onnx")
+    onnx.save(at_least_opset13(onnx.load(str(task.model))), str(path))
     return path
 
 
@@ -141,7 +138,7 @@ def quantize_aimet(task, calib_path: Path, out: Path) -> None:
     activations, min-max encodings, written out as QDQ (activations unsigned)."""
     from aimet_onnx.quantsim import QuantizationSimModel
 
-    model = onnx.load(str(_source(task, out)))
+    model = at_least_opset13(onnx.load(str(task.model)))
     with contextlib.chdir(out.parent):
         sim = QuantizationSimModel(model, param_type="int8", activation_type="int8", path=str(out.parent))
         sim.compute_encodings(_samples(task, calib_path))

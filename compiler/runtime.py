@@ -17,11 +17,18 @@ ort.set_default_logger_severity(4)  # onnxruntime's own error lines would reach 
 
 def session_options(threads: int = 0, optimize: bool = True, arena: bool = True) -> ort.SessionOptions:
     """SessionOptions with warnings silenced; `threads` 0 lets onnxruntime choose; `arena` False returns
-    memory after each run (for sessions that expose many intermediate tensors)."""
+    memory after each run (for sessions that expose many intermediate tensors).
+
+    Q/DQ pairs run as written (DequantizeLinear, the float op, QuantizeLinear), never fused into onnxruntime's
+    int8 kernels: what those compute depends on the host CPU (on x86 without VNNI, u8 x s8 products are summed
+    in pairs into saturating int16, which cost efficientnet_lite0's int8 package 2.9 points of top-1), while
+    the accelerator accumulates int8 products exactly. Unfused, a quantized model gives the target's answers
+    on every host, and every choice drpc makes by running one (fallback-float, the checks) is host-independent."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors reach the user as one line through drpc's own exceptions
     opts.intra_op_num_threads = threads
     opts.enable_cpu_mem_arena = arena
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return opts

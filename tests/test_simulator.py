@@ -145,3 +145,31 @@ def test_simulate_with_external_data(package, tmp_path):
     np.save(tmp_path / "data.npy", rand(5, 6, 8, 8))
     report = simulate(package, tmp_path / "data.npy")
     assert report.ok and report.samples == 5
+
+
+def test_quantized_conv_runs_with_exact_int8_accumulation_on_any_host():
+    """A 1x1 Conv over 64 channels of uint8 255 x int8 127: each product is 32,385, so onnxruntime's x86 int8 kernel
+    without VNNI, which adds products in pairs into a saturating int16, gets 32,767 per pair and half the sum.
+    The accelerator accumulates exactly; drpc's sessions (the simulator's, fallback-float's) must too, or a
+    package's measured answers, and the choices made from them, depend on the host CPU. Exact: round(64 x 32,385 /
+    16,384) = 127 output steps; saturated: 64."""
+    from onnx import numpy_helper
+
+    from compiler.runtime import make_session
+
+    channels, out_scale = 64, 16384.0
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
+    inits = [numpy_helper.from_array(v, n) for n, v in [
+        ("sx", np.array(1.0, np.float32)), ("zx", np.array(0, np.uint8)),
+        ("w", np.full((8, channels, 1, 1), 127, np.int8)), ("sw", np.array(1.0, np.float32)),
+        ("sy", np.array(out_scale, np.float32)), ("zy", np.array(0, np.uint8))]]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, channels, 4, 4])], [("y", TensorProto.FLOAT, [1, 8, 4, 4])],
+                  inits)
+    got = make_session(proto).run(None, {"x": np.full((1, channels, 4, 4), 255, np.float32)})[0]
+    exact = np.round(channels * 255 * 127 / out_scale) * out_scale
+    assert np.all(got == exact), (got.ravel()[:4], exact)
