@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
+from compiler.runtime import make_session  # noqa: E402
 from quantizers import quantize_nncf, quantize_ort  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def forms(task, folder: Path, calib: Path) -> dict[str, Path]:
 
 
 def answers(model: Path, task) -> np.ndarray:
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = make_session(model)  # int8 with exact accumulation, as the accelerator computes (compiler.runtime)
     kind = session.get_inputs()[0].type
     dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(kind, task.eval_x.dtype)
     return datasets.run_task(session, task, task.eval_x.astype(dtype)).astype(np.float32).reshape(len(task.eval_x), -1)

@@ -139,8 +139,10 @@ def quantize_aimet(task, calib_path: Path, out: Path) -> None:
     from aimet_onnx.quantsim import QuantizationSimModel
 
     model = at_least_opset13(onnx.load(str(task.model)))
-    with contextlib.chdir(out.parent):
-        sim = QuantizationSimModel(model, param_type="int8", activation_type="int8", path=str(out.parent))
+    work = out.with_suffix(".aimet")  # its own folder: AIMET saves model.onnx there and refuses to overwrite
+    work.mkdir(exist_ok=True)
+    with contextlib.chdir(work):
+        sim = QuantizationSimModel(model, param_type="int8", activation_type="int8", path=str(work))
         sim.compute_encodings(_samples(task, calib_path))
         onnx.save(sim.to_onnx_qdq(), str(out))
 
