@@ -1,16 +1,17 @@
 """The same model in the forms users have it: float32, an fp16 export, and int8 QDQ models from
-onnxruntime's quantize_static and from NNCF. Does drpc's package from each answer like the one from the
-float32 original?
+onnxruntime's quantize_static, NNCF and, given their virtualenvs, AMD Quark, NVIDIA ModelOpt and Qualcomm
+AIMET. Does drpc's package from each answer like the one from the float32 original?
 
 Each corpus task's model is converted with onnxruntime's float16 converter (weights, activations and
-interface in fp16) and quantized as bench/ptq.py does it, with quantize_static (QDQ, per-channel) and with
-NNCF (preset MIXED), on the calibration split. All four files go through the same `drpc compile --target
-rzv2h` (with `--prune` when given) on the same calibration split. Printed: accuracy on the evaluation split
-(for tasks without labels, agreement with float32) of each form as given and of drpc's package from it, and
-how often each package agrees with the one from float32.
+interface in fp16) and quantized as bench/ptq.py does it (bench/quantizers.py) on the calibration split. All
+files go through the same `drpc compile --target rzv2h` (with `--prune` when given) on the same calibration
+split. Printed: accuracy on the evaluation split (for tasks without labels, agreement with float32) of each
+form as given and of drpc's package from it, int8 computed exactly, and how often each package agrees with
+the one from float32.
 
     python bench/input_forms.py                          # every task of bench/datasets.py
     python bench/input_forms.py --prune 0.5 --tasks ppocr_mobile_v2_cls
+    python bench/input_forms.py --python quark=/venvs/quark/bin/python modelopt=... aimet=...
 """
 
 from __future__ import annotations
@@ -29,25 +30,40 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
 from compiler.runtime import make_session  # noqa: E402
+from ptq import run_tool  # noqa: E402
 from quantizers import quantize_nncf, quantize_ort  # noqa: E402
 
 
-def forms(task, folder: Path, calib: Path) -> dict[str, Path]:
+def forms(task, folder: Path, calib: Path, pythons: dict[str, str]) -> dict[str, Path | str]:
     """{'float32': the model, 'fp16': its fp16 export, 'ort QDQ' and 'nncf QDQ': the int8 models onnxruntime and
-    NNCF make of it as bench/ptq.py runs them}."""
-    paths = {"float32": task.model, "fp16": folder / "fp16.onnx", "ort QDQ": folder / "ort.onnx",
-             "nncf QDQ": folder / "nncf.onnx"}
+    NNCF make of it as bench/ptq.py runs them, and '<tool> QDQ' for each peer `pythons` names (Quark, ModelOpt,
+    AIMET from their virtualenvs)}; a peer that fails gives its one-line reason instead of a path."""
+    paths: dict[str, Path | str] = {"float32": task.model, "fp16": folder / "fp16.onnx", "ort QDQ": folder / "ort.onnx",
+                                    "nncf QDQ": folder / "nncf.onnx"}
     onnx.save(convert_float_to_float16(onnx.load(str(task.model))), str(paths["fp16"]))
     quantize_ort(task, calib, paths["ort QDQ"])
     quantize_nncf(task, calib, paths["nncf QDQ"])
+    for tool, python in pythons.items():
+        out = folder / f"{tool}.onnx"
+        run = run_tool(tool, task, calib, out, "default", python)
+        paths[f"{tool} QDQ"] = run.get("error", out)
     return paths
 
 
-def answers(model: Path, task) -> np.ndarray:
-    session = make_session(model)  # int8 with exact accumulation, as the accelerator computes (compiler.runtime)
+def answers(model: Path, task) -> tuple[np.ndarray, bool]:
+    """The model's outputs on the evaluation split, int8 with exact accumulation as the accelerator computes it
+    (compiler.runtime), and False; or, for a QDQ model onnxruntime loads only fused, its fused kernels' outputs
+    and True."""
+    try:
+        session, fused = make_session(model), False
+    except Exception:  # per-axis scales that do not match their tensor: onnxruntime accepts them only fused
+        import onnxruntime as ort
+
+        session, fused = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]), True
     kind = session.get_inputs()[0].type
     dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(kind, task.eval_x.dtype)
-    return datasets.run_task(session, task, task.eval_x.astype(dtype)).astype(np.float32).reshape(len(task.eval_x), -1)
+    out = datasets.run_task(session, task, task.eval_x.astype(dtype)).astype(np.float32)
+    return out.reshape(len(task.eval_x), -1), fused
 
 
 def accuracy(task, logits: np.ndarray, fp32_logits: np.ndarray) -> str:
@@ -60,7 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(datasets.TASKS))
     parser.add_argument("--prune", type=float, default=0.0)
+    parser.add_argument("--python", nargs="*", default=[], metavar="TOOL=PATH",
+                        help="also the QDQ model this peer makes (quark, modelopt, aimet), run with this interpreter")
     args = parser.parse_args()
+    pythons = dict(item.split("=", 1) for item in args.python)
     from compiler.api import compile_model
 
     print("| model | form | as given | drpc package | package agrees with drpc's from float32 |")
@@ -71,16 +90,23 @@ def main() -> None:
             tmp = Path(tmp)
             calib = tmp / "calib.npy"
             np.save(calib, task.calib)
-            given, packaged = {}, {}
-            for form, path in forms(task, tmp, calib).items():
+            given, packaged, failed = {}, {}, {}
+            for form, path in forms(task, tmp, calib, pythons).items():
+                if isinstance(path, str):
+                    failed[form] = path
+                    continue
                 given[form] = answers(path, task)
                 pkg = tmp / form.replace(" ", "_")
                 compile_model(path, "rzv2h", pkg, calib=calib, prune=args.prune, force=True)
-                packaged[form] = answers(pkg / "model.onnx", task)
-        for form in given:
+                packaged[form] = answers(pkg / "model.onnx", task)[0]
+        reference = given["float32"][0]
+        for form, (logits, fused) in given.items():
             agree = np.mean(packaged[form].argmax(1) == packaged["float32"].argmax(1))
-            print(f"| {task.name} | {form} | {accuracy(task, given[form], given['float32'])} | "
-                  f"{accuracy(task, packaged[form], given['float32'])} | {100 * agree:.2f}% |", flush=True)
+            note = " (loads fused only)" if fused else ""
+            print(f"| {task.name} | {form} | {accuracy(task, logits, reference)}{note} | "
+                  f"{accuracy(task, packaged[form], reference)} | {100 * agree:.2f}% |", flush=True)
+        for form, reason in failed.items():
+            print(f"| {task.name} | {form} | the tool failed: {reason} | | |", flush=True)
 
 
 if __name__ == "__main__":
