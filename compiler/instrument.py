@@ -91,10 +91,10 @@ class LosslessCheck(PassInstrumentation):
         self.worst: dict[str, float] = {}
 
     def before_pipeline(self, module, ctx):
-        self.expected = run_model(module.to_proto(), self.feed)
+        self.expected, self.stale = None, True  # taken before the first lossless pass, from the model it gets
 
     def before_pass(self, p, module, ctx):
-        if p.lossless and self.stale:  # a lossy pass ran since the outputs were taken: take them anew
+        if p.lossless and self.stale:  # none taken yet, or a lossy pass ran since: take them anew
             self.expected = run_model(module.to_proto(), self.feed)
             self.stale = False
 
