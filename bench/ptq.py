@@ -42,7 +42,6 @@ from quantizers import QUANTIZERS  # noqa: E402
 TOOLS = ("ort", "nncf", "drpc")  # the default; the other peers when --python names their environment
 
 
-# ------------------------------------------------------------------ the parent: run, measure, tabulate
 def run_tool(tool, task, calib_path, out, method, python=sys.executable) -> dict:
     """Run one quantizer (bench/quantizers.py) in a fresh process of `python` (its own wall time and peak memory)."""
     cmd = [python, str(HERE / "quantizers.py"), tool, str(task.model), task.input_name, str(calib_path), str(out)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ def quantize_nncf(task, calib_path: Path, out: Path) -> None:
 
 def quantize_quark(task, calib_path: Path, out: Path) -> None:
     """AMD Quark (quark.onnx): int8 per-channel symmetric weights, uint8 asymmetric activations, both calibrated
-    by its default Percentile method; its graph optimizations on (the QConfig defaults)."""
+    by its default Percentile method; everything else as QConfig defaults it."""
     from quark.onnx import ModelQuantizer, QConfig
     from quark.onnx.quantization.config.spec import Int8Spec, QLayerConfig, QuantGranularity, UInt8Spec
 
@@ -149,8 +150,6 @@ def quantize_aimet(task, calib_path: Path, out: Path) -> None:
 
 def quantize_drpc(task, calib_path: Path, out: Path, method: str = "default") -> None:
     """drpc's default rzv2h pipeline (no pruning) through the Python API (in this repository's environment)."""
-    import os
-
     sys.path.insert(0, str(HERE.parent))
     from compiler.api import compile_model
 
