@@ -52,18 +52,21 @@ def forms(task, folder: Path, calib: Path, pythons: dict[str, str]) -> dict[str,
 
 def answers(model: Path, task) -> tuple[np.ndarray, bool]:
     """The model's outputs on the evaluation split, int8 with exact accumulation as the accelerator computes it
-    (compiler.runtime), and False; or, for a QDQ model onnxruntime loads only fused, its fused kernels' outputs
+    (compiler.runtime), and False; or, for a QDQ model onnxruntime runs only fused, its fused kernels' outputs
     and True."""
     try:
-        session, fused = make_session(model), False
+        return _outputs(make_session(model), task), False
     except Exception:  # per-axis scales that do not match their tensor: onnxruntime accepts them only fused
         import onnxruntime as ort
 
-        session, fused = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]), True
+        return _outputs(ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]), task), True
+
+
+def _outputs(session, task) -> np.ndarray:
     kind = session.get_inputs()[0].type
     dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(kind, task.eval_x.dtype)
     out = datasets.run_task(session, task, task.eval_x.astype(dtype)).astype(np.float32)
-    return out.reshape(len(task.eval_x), -1), fused
+    return out.reshape(len(task.eval_x), -1)
 
 
 def accuracy(task, logits: np.ndarray, fp32_logits: np.ndarray) -> str:
