@@ -97,7 +97,7 @@ def main() -> None:
             given, packaged, failed = {}, {}, {}
             for form, path in forms(task, tmp, calib, pythons).items():
                 if isinstance(path, str):
-                    failed[form] = path
+                    failed[form] = f"the tool failed: {path}"
                     continue
                 given[form] = answers(path, task)
                 pkg = tmp / form.replace(" ", "_")
@@ -110,12 +110,11 @@ def main() -> None:
         reference = given["float32"][0]
         for form, (logits, fused) in ((f, g) for f, g in given.items() if f in packaged):
             agree = np.mean(packaged[form].argmax(1) == packaged["float32"].argmax(1))
-            note = " (loads fused only)" if fused else ""
+            note = " (runs fused only)" if fused else ""
             print(f"| {task.name} | {form} | {accuracy(task, logits, reference)}{note} | "
                   f"{accuracy(task, packaged[form], reference)} | {100 * agree:.2f}% |", flush=True)
         for form, reason in failed.items():
-            print(f"| {task.name} | {form} | {reason if reason.startswith('drpc') else 'the tool failed: ' + reason} | | |",
-                  flush=True)
+            print(f"| {task.name} | {form} | {reason} | | |", flush=True)
 
 
 if __name__ == "__main__":
