@@ -29,8 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import datasets  # noqa: E402
-from compiler.runtime import make_session  # noqa: E402
-from ptq import run_tool  # noqa: E402
+from ptq import as_input, run_tool, scoring_session  # noqa: E402
 from quantizers import quantize_nncf, quantize_ort  # noqa: E402
 
 
@@ -51,22 +50,11 @@ def forms(task, folder: Path, calib: Path, pythons: dict[str, str]) -> dict[str,
 
 
 def answers(model: Path, task) -> tuple[np.ndarray, bool]:
-    """The model's outputs on the evaluation split, int8 with exact accumulation as the accelerator computes it
-    (compiler.runtime), and False; or, for a QDQ model onnxruntime runs only fused, its fused kernels' outputs
-    and True."""
-    try:
-        return _outputs(make_session(model), task), False
-    except Exception:  # per-axis scales that do not match their tensor: onnxruntime accepts them only fused
-        import onnxruntime as ort
-
-        return _outputs(ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]), task), True
-
-
-def _outputs(session, task) -> np.ndarray:
-    kind = session.get_inputs()[0].type
-    dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(kind, task.eval_x.dtype)
-    out = datasets.run_task(session, task, task.eval_x.astype(dtype)).astype(np.float32)
-    return out.reshape(len(task.eval_x), -1)
+    """The model's outputs on the evaluation split, scored as bench/ptq.py scores (int8 exact), and whether they
+    come from onnxruntime's fused kernels (a QDQ model it runs only fused)."""
+    session, fused = scoring_session(model, task)
+    out = datasets.run_task(session, task, as_input(session, task.eval_x)).astype(np.float32)
+    return out.reshape(len(task.eval_x), -1), fused
 
 
 def accuracy(task, logits: np.ndarray, fp32_logits: np.ndarray) -> str:

@@ -87,7 +87,7 @@ class LosslessCheck(PassInstrumentation):
         self.feed = feed
         self.rtol = rtol
         self.expected: list[np.ndarray] | None = None
-        self.stale = False
+        self.stale = True  # no outputs taken yet
         self.worst: dict[str, float] = {}
 
     def before_pipeline(self, module, ctx):
