@@ -282,8 +282,9 @@ def _check_external_data_paths(proto: onnx.ModelProto, path: Path) -> None:
 
 def _checked(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """The model onnx's checker accepts: `proto` itself, or a copy with its nodes put in topological order
-    (some converters append nodes out of order) or marked IR 4 (weights not listed as inputs) when that is
-    all the checker objects to."""
+    (some converters append nodes out of order), marked IR 4 (weights not listed as inputs) or with each
+    tensor's values in raw_data only (a tool rewrote raw_data and left the typed field) when that is all the
+    checker objects to."""
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         return proto
     try:
@@ -297,6 +298,12 @@ def _checked(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
         retyped = copy.deepcopy(proto)
         retyped.ir_version = 4
         return _checked(retyped, source)
+    if "one and only one value field" in str(error):
+        # Tools that rewrite weights in place (AIMET on mnist_cntk) set raw_data and leave float_data as it was.
+        # onnxruntime and onnx's numpy_helper both read raw_data first, so that is the model users run.
+        single = copy.deepcopy(proto)
+        if _drop_typed_fields_beside_raw_data(single):
+            return _checked(single, source)
     if "topologically sorted" in str(error):
         try:
             ordered = copy.deepcopy(proto)
@@ -309,6 +316,21 @@ def _checked(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
         except Exception:
             pass
     raise ModelLoadError(f"{source}: rejected by onnx checker: {_first_line(error)}") from None
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _drop_typed_fields_beside_raw_data(proto: onnx.ModelProto) -> bool:
+    """Clear the typed value fields of every tensor that also holds raw_data; True when any was cleared."""
+    changed = False
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.HasField("raw_data"):
+            for name in _TYPED_FIELDS:
+                if len(getattr(tensor, name)):
+                    tensor.ClearField(name)
+                    changed = True
+    return changed
 
 
 def _first_line(exc: BaseException) -> str:

@@ -109,3 +109,37 @@ def test_ir3_model_without_weights_as_inputs_compiles(tmp_path):
     onnx.save(m, tmp_path / "ir3.onnx")
     compile_model(tmp_path / "ir3.onnx", "rzv2h", tmp_path / "pkg")
     assert simulate(tmp_path / "pkg").ok
+
+
+def test_tensor_with_raw_data_and_float_data_reads_as_onnxruntime_does(tmp_path):
+    """AIMET's mnist_cntk sets raw_data on weights it rewrote and leaves their float_data: onnx's checker
+    refuses two value fields, onnxruntime reads raw_data. drpc compiles the model onnxruntime runs."""
+    from onnx import numpy_helper
+
+    from compiler.ir import Module
+    from compiler.runtime import run_model
+
+    root = Path(__file__).resolve().parents[1]
+    m = onnx.load(root / "models" / "mnist_resnet.onnx")
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    weight = next(t for t in m.graph.initializer if t.name == conv.input[1])
+    w = numpy_helper.to_array(weight)
+    weight.ClearField("raw_data")
+    weight.float_data.extend(w.ravel().tolist())
+    weight.raw_data = (w * -0.5).astype(np.float32).tobytes()
+    try:
+        onnx.checker.check_model(m)
+        raise AssertionError("the checker accepted a tensor with two value fields")
+    except onnx.checker.ValidationError as exc:
+        assert "one and only one value field" in str(exc)
+    onnx.save(m, tmp_path / "two_fields.onnx")
+
+    with np.load(root / "models" / "mnist_calib.npz") as z:
+        x = z["input"][:8]
+    expected = run_model(m, {"input": x})[0]
+    typed = np.abs(expected - run_model(onnx.load(root / "models" / "mnist_resnet.onnx"), {"input": x})[0]).max()
+    assert typed > 1e-2  # the two fields give different models
+    loaded = Module.load(tmp_path / "two_fields.onnx")
+    np.testing.assert_allclose(run_model(loaded.to_proto(), {"input": x})[0], expected, rtol=1e-5, atol=1e-5)
+    compile_model(tmp_path / "two_fields.onnx", "rzv2h", tmp_path / "pkg")
+    assert simulate(tmp_path / "pkg").ok
