@@ -144,13 +144,16 @@ def _add_to_matmul_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> No
 
 
 def _shape_piece(node: gs.Node, index: int) -> tuple[gs.Node, int, int] | None:
-    """Where entry `index` of a Reshape's target shape is a constant: (node whose input it is, input index,
-    position in that constant); the Reshape itself for a constant target, else the Concat that builds the
-    target from 1-D pieces (a dynamic batch size beside constant feature counts)."""
+    """Where entry `index` of the shape input of a Reshape or Expand is a constant: (node whose input it is,
+    input index, position in that constant); the node itself for a constant shape, else the Concat that builds
+    the shape from 1-D pieces (a dynamic batch size beside constant feature counts), perhaps through a Cast
+    (tf2onnx concatenates int32 pieces)."""
     target = node.inputs[1]
     if const_value(target) is not None:
         return node, 1, index
     concat = producer(target)
+    if concat is not None and concat.op == "Cast":
+        concat = producer(concat.inputs[0])
     if concat is None or concat.op != "Concat":
         return None
     start = 0
@@ -165,28 +168,45 @@ def _shape_piece(node: gs.Node, index: int) -> tuple[gs.Node, int, int] | None:
 
 
 def shape_entry(node: gs.Node, index: int) -> int | None:
-    """Entry `index` of a Reshape's target shape when it is a constant, else None (see `_shape_piece`)."""
+    """Entry `index` of the shape input of a Reshape or Expand when it is a constant, else None (see
+    `_shape_piece`)."""
     found = _shape_piece(node, index)
     return None if found is None else int(const_value(found[0].inputs[found[1]]).reshape(-1)[found[2]])
 
 
 def set_shape_entry(graph: gs.Graph, node: gs.Node, index: int, value: int) -> bool:
-    """Set entry `index` of a Reshape's target shape to `value` where it is a constant (see `_shape_piece`);
-    an entry of -1 (inferred) or 0 (copied) is left as it is. False when the entry is not a constant."""
+    """Set entry `index` of the shape input of a Reshape or Expand to `value` where it is a constant (see
+    `_shape_piece`); an entry of -1 (inferred) or 0 (copied) is left as it is. False when the entry is not a
+    constant. A shape other nodes read too is copied for this one first."""
     found = _shape_piece(node, index)
     if found is None:
         return False
     owner, i, at = found
-    values = np.array(const_value(owner.inputs[i]), dtype=np.int64)
+    values = np.array(const_value(owner.inputs[i]))  # a Concat's pieces keep their integer type
     flat = values.reshape(-1)
     if flat[at] <= 0 or flat[at] == value:
         return True
     flat[at] = value
-    if owner is not node and len(node.inputs[1].outputs) > 1:  # a target other Reshapes read too: this one's own copy
-        target = gs.Variable(fresh_name(graph, node.inputs[1].name), dtype=np.int64, shape=node.inputs[1].shape)
-        owner = gs.Node("Concat", name=fresh_name(graph, owner.name), attrs=dict(owner.attrs),
-                        inputs=list(owner.inputs), outputs=[target])
-        graph.nodes.insert(next(k for k, n in enumerate(graph.nodes) if n is node), owner)
-        node.inputs[1] = target
+    if owner is not node and (len(node.inputs[1].outputs) > 1 or len(owner.outputs[0].outputs) > 1):
+        owner = _own_shape(graph, node, owner)
     set_input(owner, i, gs.Constant(fresh_name(graph, node.name + "_shape"), values))
     return True
+
+
+def _own_shape(graph: gs.Graph, node: gs.Node, concat: gs.Node) -> gs.Node:
+    """Give `node` its own copy of the Concat (and the Cast after it) that builds its shape input."""
+    at = next(k for k, n in enumerate(graph.nodes) if n is node)
+    cast = producer(node.inputs[1]) if producer(node.inputs[1]) is not concat else None
+    built = gs.Variable(fresh_name(graph, concat.outputs[0].name), dtype=concat.outputs[0].dtype,
+                        shape=concat.outputs[0].shape)
+    copy = gs.Node("Concat", name=fresh_name(graph, concat.name), attrs=dict(concat.attrs), inputs=list(concat.inputs),
+                   outputs=[built])
+    graph.nodes.insert(at, copy)
+    if cast is not None:
+        cast_out = gs.Variable(fresh_name(graph, node.inputs[1].name), dtype=node.inputs[1].dtype,
+                               shape=node.inputs[1].shape)
+        graph.nodes.insert(at + 1, gs.Node("Cast", name=fresh_name(graph, cast.name), attrs=dict(cast.attrs),
+                                           inputs=[built], outputs=[cast_out]))
+        built = cast_out
+    node.inputs[1] = built
+    return copy

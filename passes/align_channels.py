@@ -61,10 +61,10 @@ def _pad_space(graph: gs.Graph, analysis, space: Space, extra: int) -> None:
         _pad_constant(graph, node, 2, extra, 0.0, axis=0)
     for node in space.followers:
         _pad_follower(graph, node, space.channels, extra, analysis.axis[node.outputs[0].name])
-    for node in analysis.rewrites:  # a Reshape that regroups the other axes states the channel count
+    for node in analysis.rewrites:  # a Reshape that regroups the other axes, or an Expand, states the channel count
         out = node.outputs[0].name
-        entry = shape_entry(node, analysis.axis[out]) if node.op == "Reshape" and out in space.tensors else None
-        if entry is not None:
+        entry = shape_entry(node, analysis.axis[out]) if node.op in ("Reshape", "Expand") and out in space.tensors else None
+        if entry is not None and entry != 1:  # an Expand's 1 broadcasts: it follows by itself
             set_shape_entry(graph, node, analysis.axis[out], entry + extra)  # leaves -1 and 0 as they are
     for node, tensor in analysis.consumers:
         if analysis.view[tensor] == [p for p in analysis.view[tensor] if p.space == space.index]:

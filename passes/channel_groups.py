@@ -27,7 +27,7 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.rewrite import const_value
+from compiler.rewrite import const_value, shape_entry
 
 PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus",
                 "PRelu", "Erf", "Gelu", "Mish", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
@@ -38,7 +38,7 @@ NCHW_ONLY = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMax
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
 REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceProd",
           "ReduceLogSumExp"}
-LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat"} | REDUCE  # _moved_axis
+LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat", "Expand"} | REDUCE  # _moved_axis
 DERIVING = {"Concat", "Split", "Slice", "Flatten", "Reshape"}
 # ops that carry a statistic over the channels on (a written-out LayerNorm's variance and 1/σ)
 STATISTIC_OPS = ELEMENTWISE | {"Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Cast", "Identity", "Relu", "Clip",
@@ -315,6 +315,13 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
             for t in outs:
                 origin[t.name] = f"'{node.name}' ({op})"
             continue
+        if op in ("Flatten", "Reshape") and ins and node.inputs[0] is ins[0] and _merged_positions(node, x_axis):
+            out = node.outputs[0]  # channels last, positions merged into them: out[..., p·C + c] is channel c
+            derived[out.name], channel_tensors[out.name], axis_of[out.name] = node, out, len(out.shape) - 1
+            links.add_node(out.name)
+            if op == "Reshape":
+                rewrites.append(node)
+            continue
         if op in DERIVING and ins and (op == "Concat" or node.inputs[0] is ins[0]) and _derives_channels(node) \
                 and all(axis_of[t.name] == 1 for t in ins):
             for t in node.outputs:
@@ -330,7 +337,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
         if moved is not None and outs:
             for t in ins:
                 links.add_edge(t.name, outs[0].name)
-            if op == "Reshape":
+            if op in ("Reshape", "Expand"):
                 rewrites.append(node)
             if op == "Concat" and channel_params(node, channels_of(outs[0], axis), axis):  # a class token
                 followers.setdefault(outs[0].name, []).append(node)
@@ -385,7 +392,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                     v = [Piece(space_of[region.source], 0, region.heads, merge.block)] if region.source in space_of else None
                 else:
                     sources = [i.name for i in node.inputs if i.name in space_of]
-                    v = _derived_view(node, t, view, space_of, spaces)
+                    v = _derived_view(node, t, view, axis_of)
                 s = spaces[space_of[t.name]]
                 if v is not None and s.view is not None and v != s.view:  # another definition of these channels
                     s.blocked = s.blocked or f"'{node.name}' ({node.op}) output is mixed with other channels"
@@ -520,6 +527,24 @@ def _derives_channels(node: gs.Node) -> bool:
     return False
 
 
+def _merged_positions(node: gs.Node, axis: int | None) -> int:
+    """For a Flatten/Reshape of a channels-last tensor whose last output axis holds k ≥ 2 positions' worth of
+    channels ([N, H, W, C] → [N, H·W·C] into a Dense layer; magika's [batch, 2048, 64] → [batch, 512, 256]), k:
+    feature f of the output is channel f mod C. 0 otherwise, or when the Reshape's last target entry is not a
+    constant (or -1) that can follow a change of C."""
+    x, out = node.inputs[0], node.outputs[0]
+    if x.shape is None or out.shape is None or axis is None or axis != len(x.shape) - 1 or len(out.shape) < 2:
+        return 0
+    c, last = x.shape[-1], out.shape[-1]
+    if not isinstance(c, int) or not isinstance(last, int) or c < 1 or last % c or last // c < 2:
+        return 0
+    if node.op == "Reshape":
+        entry = shape_entry(node, len(out.shape) - 1)
+        if entry is None or entry == 0:
+            return 0
+    return last // c
+
+
 def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) -> int | None:
     """The channel axis of the output of a layout op that keeps every channel apart, or None: a Transpose; a
     Reshape/Flatten that only regroups the other axes; a Squeeze/Unsqueeze, Reduce, Slice or Gather (constant
@@ -532,6 +557,12 @@ def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) ->
         return list(node.attrs.get("perm", range(rank - 1, -1, -1))).index(axis)
     if node.op in ("Reshape", "Flatten"):
         return _regrouped_axis(node, axis)
+    if node.op == "Expand":  # to a shape of the same rank that keeps the channel count (a constant entry, or 1)
+        out = node.outputs[0]
+        if ins[0] is not node.inputs[0] or out.shape is None or len(out.shape) != rank or out.shape[axis] != ins[0].shape[axis]:
+            return None
+        entry = shape_entry(node, axis)
+        return axis if entry is not None and entry in (1, out.shape[axis]) else None
     if len(ins) > 1 and node.op != "Concat":
         return None
     if node.op in REDUCE:
@@ -547,7 +578,14 @@ def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) ->
         axes = const_value(given) if given is not None else None if starts is None else np.arange(len(starts))
         if starts is None or axes is None or any(const_value(t) is None for t in node.inputs[2:] if t.name):
             return None
-        return None if axis in {int(a) % rank for a in axes} else axis
+        axes = [int(a) % rank for a in axes]
+        if axis not in axes:
+            return axis
+        i, c = axes.index(axis), ins[0].shape[axis]  # all channels: bounds past them still take all once pruned
+        ends = const_value(node.inputs[2])
+        steps = const_value(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
+        whole = isinstance(c, int) and (int(starts[i]) == 0 or int(starts[i]) <= -c) and int(ends[i]) >= c
+        return axis if whole and (steps is None or int(steps[i]) == 1) else None
     if node.op in ("Squeeze", "Unsqueeze"):
         given = node.attrs.get("axes") if "axes" in node.attrs else (
             const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
@@ -588,13 +626,15 @@ def _regrouped_axis(node: gs.Node, axis: int) -> int | None:
         return axis
     if x.shape is None or out.shape is None or not isinstance(x.shape[axis], int):
         return None
-    target = const_value(node.inputs[1]) if node.op == "Reshape" else None
-    if node.op == "Reshape" and target is None:
-        return None
+    target = None
+    if node.op == "Reshape":  # its constant entries; a target built at run time may hold a dynamic batch size
+        target = [shape_entry(node, j) for j in range(len(out.shape))]
     before = _extent(x.shape[:axis])
     for b in range(len(out.shape)):
         extent = _extent(out.shape[:b])
         if extent == before and out.shape[b] == x.shape[axis]:
+            if target is not None and target[b] is None:
+                return None  # the channel count is computed at run time: it would not follow the pruning
             copies = set() if target is None or node.attrs.get("allowzero", 0) else {j for j, v in enumerate(target) if v == 0}
             return None if b != axis and copies & {axis, b} else b  # a 0 copies the input's dim at its index (allowzero: a 0 is a 0)
         if extent[1] == before[1] and extent[0] > before[0]:
@@ -653,7 +693,7 @@ def _copied_prefix(node: gs.Node) -> int | None:
     return end if end > 0 else None
 
 
-def _derived_view(node, t, view, space_of, spaces) -> list[Piece] | None:
+def _derived_view(node, t, view, axis_of) -> list[Piece] | None:
     src = view.get(node.inputs[0].name)
     if node.op == "Concat":
         pieces = []
@@ -664,6 +704,8 @@ def _derived_view(node, t, view, space_of, spaces) -> list[Piece] | None:
         return pieces
     if src is None:
         return None
+    if node.op in ("Flatten", "Reshape") and (k := _merged_positions(node, axis_of.get(node.inputs[0].name))):
+        return src * k
     if node.op in ("Flatten", "Reshape"):
         block = int(np.prod(node.inputs[0].shape[2:])) if len(node.inputs[0].shape) > 2 else 1
         return [Piece(p.space, p.start, p.length, p.block * block) for p in src]

@@ -366,7 +366,7 @@ def _slice_follower(graph, node: gs.Node, kept: np.ndarray, axis: int) -> None:
 
 
 def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> None:
-    """Split sizes, Slice bounds and Reshape targets that count channels, recomputed for the kept channels."""
+    """Split sizes, Slice bounds and Reshape/Expand shapes that count channels, recomputed for the kept channels."""
     if node.op == "Split":
         sizes = np.array([len(kept_positions(analysis.view[o.name], keep)) for o in node.outputs], dtype=np.int64)
         if graph.opset >= 13:  # sizes are an input; opset 18's num_outputs must then go
@@ -386,7 +386,7 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
         starts[i], ends[i] = np.count_nonzero(kept < min(start, c)), np.count_nonzero(kept < min(end, c))
         set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_starts"), starts))
         set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_ends"), ends))
-    elif node.op == "Reshape":
+    elif node.op in ("Reshape", "Expand"):
         out = node.outputs[0].name
         set_shape_entry(graph, node, analysis.axis[out], len(kept_positions(analysis.view[out], keep)))
 

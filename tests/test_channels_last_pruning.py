@@ -339,3 +339,89 @@ def test_a_reshape_whose_zero_would_copy_another_axis_in_place_of_the_channels_b
     proto = model(nodes, [("x", TensorProto.FLOAT, [1, 4, 8])], [("y", TensorProto.FLOAT, [4, 5])], inits)
     spaces, _ = spaces_of(proto)
     assert "(Reshape)" in spaces["embed"].blocked
+
+
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
+def test_a_channels_last_flatten_into_a_dense_layer_takes_each_channel_from_every_position(tmp_path, flatten):
+    """Keras models exported by tf2onnx flatten NHWC: feature p·C + c of the Dense input is channel c at position
+    p, so a removed channel takes one row of the Dense weight from every position."""
+    inits = []
+    for name, cout, cin, dead in (("w0", 4, 3, ()), ("w1", 5, 4, (3,))):
+        w, b = rand(cout, cin, 3, 3, scale=0.5), rand(cout, scale=0.1)
+        w[list(dead)], b[list(dead)] = 0.0, 0.0
+        inits += [init(name, w), init(name + "_b", b)]
+    inits += [init("wf", rand(4 * 4 * 5, 7)), init("bf", rand(7)), init("flat", np.array([-1, 80], np.int64))]
+    flat = helper.make_node("Flatten", ["nhwc"], ["f"]) if flatten == "Flatten" else \
+        helper.make_node("Reshape", ["nhwc", "flat"], ["f"])
+    nodes = [helper.make_node("Conv", ["x", "w0", "w0_b"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1", "w1_b"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Transpose", ["r1"], ["nhwc"], perm=[0, 2, 3, 1]),
+             flat, helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="head")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 7])], inits)
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert weight_shape(out, "conv1")[0] == 4
+    assert weight_shape(out, "head") == (16 * 4, 7)
+    outputs_close(proto, out, feed(proto))
+
+
+def byte_embedding_model(dead=()):
+    """magika's front as jax2tf and tf2onnx write it: a Dense embedding of 16 positions x 8 features into 6
+    channels; a Reshape to [batch, 4, 24] (4 positions' channels side by side) whose target is Cast(Concat(batch,
+    4, 24)) of int32 pieces; a LayerNorm over the positions written out, its statistics reshaped and Expanded
+    back with such a shape; then Unsqueeze, a Slice over every axis and a Transpose into a Conv over the
+    positions."""
+    inits = []
+    nodes = linear("embed", "x", 8, 6, "e", inits, dead)
+    nodes.append(helper.make_node("Tanh", ["e"], ["t"]))
+    beta = rand(1, 1, 24, scale=0.1)
+    beta[..., [f for f in range(24) if f % 6 in dead]] = 0.0
+    w, b = rand(5, 24, 3, 1, scale=0.3), rand(5, scale=0.1)
+    inits += [init("four", np.array([4], np.int32)), init("one_i", np.array([1], np.int32)),
+              init("width", np.array([24], np.int32)), init("zero", np.array([0], np.int64)),
+              init("first", np.array([1], np.int64)), init("axis1", np.array([1], np.int64)),
+              init("axis3", np.array([3], np.int64)), init("quarter", np.float32(0.25)), init("floor", np.float32(1e-3)),
+              init("eps", np.float32(1e-6)), init("gamma", rand(1, 1, 24, scale=0.1) + 1), init("beta", beta),
+              init("starts", np.zeros(4, np.int64)), init("ends", np.full(4, 10**9, np.int64)),
+              init("cw", w), init("cb", b), init("hw", rand(5, 3)), init("hb", rand(3))]
+
+    def shape(name, middle):
+        return [helper.make_node("Concat", ["batch", middle, "width"], [name + "_i32"], axis=0),
+                helper.make_node("Cast", [name + "_i32"], [name], to=TensorProto.INT64)]
+
+    nodes += [helper.make_node("Shape", ["x"], ["xs"]), helper.make_node("Cast", ["xs"], ["xs32"], to=TensorProto.INT32),
+              helper.make_node("Slice", ["xs32", "zero", "first"], ["batch"])]
+    nodes += shape("tokens", "four") + shape("stat", "one_i")
+    nodes += [helper.make_node("Reshape", ["t", "tokens"], ["r"], name="merge"),
+              helper.make_node("ReduceSum", ["r", "axis1"], ["s"], keepdims=0),
+              helper.make_node("Mul", ["s", "quarter"], ["mean"]), helper.make_node("Mul", ["r", "r"], ["r2"]),
+              helper.make_node("ReduceSum", ["r2", "axis1"], ["s2"], keepdims=0),
+              helper.make_node("Mul", ["s2", "quarter"], ["m2"]), helper.make_node("Mul", ["mean", "mean"], ["mm"]),
+              helper.make_node("Sub", ["m2", "mm"], ["d"]), helper.make_node("Max", ["floor", "d"], ["var"])]
+    for stat in ("mean", "var"):
+        nodes += [helper.make_node("Reshape", [stat, "stat"], [stat + "_r"]),
+                  helper.make_node("Expand", [stat + "_r", "stat"], [stat + "_b"])]
+    nodes += [helper.make_node("Add", ["var_b", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+              helper.make_node("Reciprocal", ["sd"], ["inv"]), helper.make_node("Mul", ["inv", "gamma"], ["scale"]),
+              helper.make_node("Sub", ["r", "mean_b"], ["centred"]), helper.make_node("Mul", ["centred", "scale"], ["n"]),
+              helper.make_node("Add", ["n", "beta"], ["ln"]), helper.make_node("Unsqueeze", ["ln", "axis3"], ["u"]),
+              helper.make_node("Slice", ["u", "starts", "ends"], ["sl"]),
+              helper.make_node("Transpose", ["sl"], ["nchw"], perm=[0, 2, 1, 3]),
+              helper.make_node("Conv", ["nchw", "cw", "cb"], ["c"], name="conv", pads=[1, 0, 1, 0]),
+              helper.make_node("Relu", ["c"], ["cr"]), helper.make_node("GlobalMaxPool", ["cr"], ["g"]),
+              helper.make_node("Flatten", ["g"], ["gf"]), helper.make_node("Gemm", ["gf", "hw", "hb"], ["y"], name="head")]
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 16, 8])], [("y", TensorProto.FLOAT, [1, 3])], inits,
+                 opset=15)  # as magika: onnx's shape inference follows a Cast of shape values from opset 14 on
+
+
+def test_an_embedding_merged_across_positions_loses_its_dead_channels_at_every_position(tmp_path):
+    spaces, _ = spaces_of(byte_embedding_model())
+    assert not spaces["embed"].blocked and spaces["embed"].channels == 6
+    proto = byte_embedding_model(dead=(1, 4))
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert weight_shape(out, "embed") == (8, 4)
+    assert weight_shape(out, "conv") == (5, 16, 3, 1)  # 4 kept channels at each of the 4 merged positions
+    widths = [int(onnx.numpy_helper.to_array(t)[0]) for t in out.graph.initializer
+              if t.data_type == TensorProto.INT32 and len(t.dims) == 1 and t.dims[0] == 1]
+    assert 16 in widths and 24 not in widths  # both shapes built at run time now count the kept features
+    outputs_close(proto, out, feed(proto))
