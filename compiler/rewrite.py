@@ -174,10 +174,11 @@ def shape_entry(node: gs.Node, index: int) -> int | None:
     return None if found is None else int(const_value(found[0].inputs[found[1]]).reshape(-1)[found[2]])
 
 
-def set_shape_entry(graph: gs.Graph, node: gs.Node, index: int, value: int) -> bool:
+def set_shape_entry(graph: gs.Graph, node: gs.Node, index: int, value: int, shared: bool = False) -> bool:
     """Set entry `index` of the shape input of a Reshape or Expand to `value` where it is a constant (see
     `_shape_piece`); an entry of -1 (inferred) or 0 (copied) is left as it is. False when the entry is not a
-    constant. A shape other nodes read too is copied for this one first."""
+    constant. A shape other nodes read too is copied for this one first, unless `shared` says they all take
+    the same change."""
     found = _shape_piece(node, index)
     if found is None:
         return False
@@ -187,7 +188,8 @@ def set_shape_entry(graph: gs.Graph, node: gs.Node, index: int, value: int) -> b
     if flat[at] <= 0 or flat[at] == value:
         return True
     flat[at] = value
-    if owner is not node and (len(node.inputs[1].outputs) > 1 or len(owner.outputs[0].outputs) > 1):
+    read_apart = producer(node.inputs[1]) is not owner and len(owner.outputs[0].outputs) > 1  # the Concat, past its Cast
+    if owner is not node and (read_apart or not shared and len(node.inputs[1].outputs) > 1):
         owner = _own_shape(graph, node, owner)
     set_input(owner, i, gs.Constant(fresh_name(graph, node.name + "_shape"), values))
     return True

@@ -338,8 +338,16 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
             view = analysis.view[f.outputs[0].name]
             if any(p.space in keep for p in view):  # a blocked view (space -1) has no channel to follow
                 _slice_follower(graph, f, kept_positions(view, keep), analysis.axis[f.outputs[0].name])
+    shapes = {id(n): (n.inputs[1].name, analysis.axis[n.outputs[0].name],
+                      len(kept_positions(analysis.view[n.outputs[0].name], keep)))
+              for n in analysis.rewrites if n.op in ("Reshape", "Expand")}
     for node in analysis.rewrites:
-        _rewrite_offsets(graph, analysis, node, keep)
+        if id(node) in shapes:  # a shape every reader of which takes the same change is changed in place
+            name, axis, count = shapes[id(node)]
+            shared = all(shapes.get(id(r), ())[1:] == (axis, count) for r in node.inputs[1].outputs)
+            set_shape_entry(graph, node, axis, count, shared=shared)
+        else:
+            _rewrite_offsets(graph, analysis, node, keep)
     for node, entry, space in analysis.heads:
         if space in keep:
             set_shape_entry(graph, node, entry, len(keep[space]))
@@ -366,7 +374,7 @@ def _slice_follower(graph, node: gs.Node, kept: np.ndarray, axis: int) -> None:
 
 
 def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> None:
-    """Split sizes, Slice bounds and Reshape/Expand shapes that count channels, recomputed for the kept channels."""
+    """Split sizes and Slice bounds that count channels, recomputed for the kept channels."""
     if node.op == "Split":
         sizes = np.array([len(kept_positions(analysis.view[o.name], keep)) for o in node.outputs], dtype=np.int64)
         if graph.opset >= 13:  # sizes are an input; opset 18's num_outputs must then go
@@ -386,9 +394,6 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
         starts[i], ends[i] = np.count_nonzero(kept < min(start, c)), np.count_nonzero(kept < min(end, c))
         set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_starts"), starts))
         set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_ends"), ends))
-    elif node.op in ("Reshape", "Expand"):
-        out = node.outputs[0].name
-        set_shape_entry(graph, node, analysis.axis[out], len(kept_positions(analysis.view[out], keep)))
 
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)  # λ as a fraction of the kept inputs' mean Σx²: the candidates

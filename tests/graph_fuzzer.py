@@ -6,8 +6,8 @@ branches over one input (RepVGG-style, with a BatchNorm or identity branch), Con
 pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, LayerNorm as the op or
 written out with means or with sums, MatMul Linear layers, GELU), multi-head self-attention over the pixels
 (fused or separate q/k/v, per-head biases; or YOLO11's NCHW form), and optionally a classifier head
-(GlobalAveragePool, Flatten, Gemm or MatMul+Add), at an opset from 13 to 18. `cnn_models()` is the
-hypothesis strategy over it.
+(GlobalAveragePool and Flatten, or a Flatten of the NHWC map; Gemm or MatMul+Add), at an opset from 13 to 18.
+`cnn_models()` is the hypothesis strategy over it.
 """
 
 from __future__ import annotations
@@ -131,7 +131,13 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     c, h, w = shape
     if rng.random() < 0.5:
         if rng.random() < 0.5:
-            pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+            if rng.random() < 0.3 and h * w * c <= 2048:  # Keras via tf2onnx: the NHWC feature map flattened
+                nhwc = b.node("Transpose", [x], perm=[0, 2, 3, 1])
+                pooled = b.node("Flatten", [nhwc], axis=1) if rng.random() < 0.5 else \
+                    b.node("Reshape", [nhwc, b.const("shape", np.array([1, -1], np.int64))])
+                c = h * w * c
+            else:
+                pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
         else:  # x.mean([2, 3]) as the exporters write it (reduce-mean-to-pool turns it into the pool)
             axes = [int(a) for a in rng.choice([[2, 3], [-1, -2]])]
             pooled = (b.node("ReduceMean", [x, b.const("axes", np.array(axes, np.int64))], keepdims=0)
