@@ -69,7 +69,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     most = removed_by({s.index: np.concatenate(_units(s, scores[s.index], round_to) or [np.zeros(0, int)])
                        for s in usable})
     if most < ratio * total * 0.98:
-        blocked = [s for s in base if s.blocked]
+        blocked = sorted((s for s in base if s.blocked), key=lambda s: "--input-shape" not in s.blocked)  # fixable first
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
         small = sum(1 for s in base if not s.blocked and s.channels <= _step(s, round_to))
         aligned = f", {small} already have no more than the target's {round_to}-channel alignment" if small else ""

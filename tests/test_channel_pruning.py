@@ -498,3 +498,35 @@ def test_the_consumer_refit_ridge_is_chosen_on_held_out_calibration_rows():
         assert error <= 1.01 * min(each), (samples, ridge, error, each)
         if samples == 40:
             assert ridge > RIDGES[0] and error < each[0] / 3
+
+
+def test_shape_arithmetic_on_a_dynamic_batch_blocks_with_the_fix_named(tmp_path):
+    """A Shape reading a conv's output (torch's view(x.shape) on a dynamic batch) reads its channels: that group
+    is blocked, and the reason names --input-shape; compiled for batch 1 the Shape folds and the group prunes."""
+    from compiler.ir import Module
+    from passes.channel_groups import analyze
+    from passes.prune_common import prunable_layers
+
+    inits = []
+    weights("w0", 8, 3, 3, inits=inits)
+    weights("w1", 16, 8, 3, inits=inits)
+    weights("w2", 8, 16, 1, inits=inits)
+    inits += [init("wc", rand(5, 8)), init("bc", rand(5))]
+    nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv("conv1", "r0", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Shape", ["c1"], ["s"]),
+             helper.make_node("Reshape", ["c1", "s"], ["v"]), helper.make_node("Relu", ["v"], ["r1"]),
+             conv("conv2", "r1", "w2", "c2"), helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wc", "bc"], ["y"], name="classifier", transB=1)]
+    proto = onnx.shape_inference.infer_shapes(
+        model(nodes, [("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("y", TensorProto.FLOAT, ["N", 5])], inits))
+    module = Module.from_proto(proto)
+    analysis = analyze(module.graph, prunable_layers(module.graph, True, False))
+    conv1 = next(n for n in module.graph.nodes if n.name == "conv1")
+    assert "--input-shape" in next(s for s in analysis.base() if conv1 in s.producers).blocked
+    onnx.save(proto, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz",
+                  pipeline="fold-constants,prune{ratio=0.5,mode=channel,first_layer=true,round_to=1}",
+                  input_shapes={"x": [1, 3, 8, 8]})
+    assert out_channels(onnx.load(str(tmp_path / "pkg" / "model.onnx")), "conv1") < 16

@@ -78,9 +78,10 @@ def test_models_onnxruntime_quantized_compile_like_their_float_originals(corpus,
 @pytest.mark.slow
 def test_magika_channel_pruned_keeps_most_of_its_answers(corpus, tmp_path):
     """magika in channel mode (its jax2tf LayerNorms, sums over the conv's channels, are refit rather than
-    blocking; it was refused): `--prune 0.5 --prune-mode channel` calibrated on the first 150 files keeps
-    top-1 on the other 452 within 12 points of the float model's 90.04% (80.53% from the package, 80.97% float;
-    before the classifier's refit ridge was chosen on held-out batches, 63.50%)."""
+    blocking; its byte embedding, merged across positions into the conv's input, loses channels too):
+    `--prune 0.5 --prune-mode channel` calibrated on every fourth file keeps top-1 on the other 451 within 3
+    points of the float model (90.91% from the package against 90.24%; with only the conv's channels in
+    play and the first 150 files calibrating, 80.53%)."""
     import sys
     from pathlib import Path
 
@@ -98,4 +99,4 @@ def test_magika_channel_pruned_keeps_most_of_its_answers(corpus, tmp_path):
                  "--calib", str(tmp_path / "calib.npz"), "--out", str(out)]) == 0
     accuracy = {form: task.score(datasets.run_task(make_session(onnx.load(str(path))), task), task.eval_y)
                 for form, path in (("float", task.model), ("pruned", out / "model.onnx"))}
-    assert accuracy["pruned"] >= accuracy["float"] - 0.12, accuracy
+    assert accuracy["pruned"] >= accuracy["float"] - 0.03, accuracy

@@ -8,6 +8,7 @@ from onnx import TensorProto, helper
 
 from backends.simulator import simulate
 from compiler.api import compile_model
+from compiler.runtime import make_session
 from graphs import init, rand
 
 
@@ -143,3 +144,27 @@ def test_tensor_with_raw_data_and_float_data_reads_as_onnxruntime_does(tmp_path)
     np.testing.assert_allclose(run_model(loaded.to_proto(), {"input": x})[0], expected, rtol=1e-5, atol=1e-5)
     compile_model(tmp_path / "two_fields.onnx", "rzv2h", tmp_path / "pkg")
     assert simulate(tmp_path / "pkg").ok
+
+
+def test_a_dynamic_batch_that_sets_shapes_at_run_time_is_named_with_the_fix(tmp_path):
+    """The shipped ViT, exported with a dynamic batch, reshapes its tokens to sizes it computes from the input
+    at run time: the compile warns and names the --input-shape that compiles it for batch 1, and with it that
+    arithmetic folds away: fewer layers on the CPU, every MAC counted, no warning, the same answers."""
+    model = Path(__file__).resolve().parents[1] / "models" / "mnist_vit.onnx"
+    with np.load(Path(__file__).resolve().parents[1] / "models" / "mnist_calib.npz") as z:
+        np.save(tmp_path / "calib.npy", z[z.files[0]][:16])
+    dynamic = compile_model(model, "rzv2h", tmp_path / "dynamic", calib=tmp_path / "calib.npy")
+    fixed = compile_model(model, "rzv2h", tmp_path / "fixed", calib=tmp_path / "calib.npy",
+                          input_shapes={"input": [1, 1, 28, 28]})
+    note = [w for w in dynamic.warnings if "dynamic batch" in w]
+    assert note and "--input-shape input=1,1,28,28" in note[0], dynamic.warnings
+    assert not any("dynamic batch" in w for w in fixed.warnings)
+    before, after = dynamic.descriptor["totals"], fixed.descriptor["totals"]
+    assert after["layers_on_cpu"] < before["layers_on_cpu"]
+    assert after["macs"] > before["macs"]
+    assert simulate(tmp_path / "fixed").ok
+    x = np.load(tmp_path / "calib.npy")
+    whole = make_session(tmp_path / "dynamic" / "model.onnx").run(None, {"input": x})[0]
+    single = make_session(tmp_path / "fixed" / "model.onnx")
+    one_by_one = np.concatenate([single.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    assert np.array_equal(whole.argmax(1), one_by_one.argmax(1))
