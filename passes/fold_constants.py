@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
-from compiler.rewrite import is_graph_output
+from compiler.rewrite import const_value, is_graph_output
 from compiler.runtime import make_session
 
 # Never folded: quantization nodes carry the deployment format, random ops must stay random.
@@ -17,7 +17,8 @@ NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ra
 
 @register_pass
 class FoldConstants(Pass):
-    """Replace Constant nodes, Shape of static tensors and all-constant subcomputations by initializers.
+    """Replace Constant nodes, Shape of static tensors, the static entries a Gather or Slice takes from the Shape
+    of a tensor with a dynamic batch, and all-constant subcomputations by initializers.
 
     Guarantees: outputs unchanged (values are computed by onnxruntime with optimizations off); Q/DQ and
     random nodes are never folded; a folded tensor larger than both `max_bytes` and the constants it was
@@ -33,7 +34,7 @@ class FoldConstants(Pass):
         folded = 0
         for _ in range(16):  # folding a Shape can make more nodes constant; iterate to a fixed point
             module.infer_shapes()
-            n = self._fold_shapes(module.graph) + self._fold_computations(module)
+            n = self._fold_shapes(module.graph) + _fold_static_dims(module.graph) + self._fold_computations(module)
             if n == 0:
                 break
             folded += n
@@ -102,6 +103,47 @@ class FoldConstants(Pass):
             tensor.to_constant(np.asarray(value))
             count += 1
         return count
+
+
+def _fold_static_dims(graph: gs.Graph) -> int:
+    """Gather/Slice outputs that take only static dims from a Shape whose tensor has dynamic ones, as constants.
+
+    torch's exporter reads a dynamic-batch tensor's sizes with Shape → Gather(i) → Unsqueeze → Concat, also for
+    the feature sizes shape inference already knows; with those entries constant, the Concat that builds a
+    Reshape target holds them as constants (channel pruning can rewrite them; the batch entry stays)."""
+    count = 0
+    for node in list(graph.nodes):
+        shape = node.inputs[0].shape if node.op == "Shape" and not node.domain and node.outputs else None
+        if shape is None:
+            continue
+        dims = list(shape)[node.attrs.get("start", 0):node.attrs.get("end", None)]
+        for reader in {id(r): r for r in node.outputs[0].outputs}.values():
+            if reader.inputs[0] is not node.outputs[0] or not reader.outputs or is_graph_output(graph, reader.outputs[0]):
+                continue
+            picked = _picked_dims(reader, dims)
+            if picked is not None and all(isinstance(d, int) and d >= 0 for d in picked.reshape(-1).tolist()):
+                out = reader.outputs[0]
+                reader.outputs.clear()
+                out.to_constant(picked.astype(np.int64))
+                count += 1
+    return count
+
+
+def _picked_dims(reader: gs.Node, dims: list) -> np.ndarray | None:
+    """The entries of `dims` that a Gather (axis 0) or a Slice (axis 0, constant bounds) of the shape takes."""
+    index = [const_value(t) for t in reader.inputs[1:]]
+    if any(v is None for v in index):
+        return None
+    if reader.op == "Gather" and reader.attrs.get("axis", 0) == 0:
+        at = index[0].astype(np.int64)
+        if np.any(at >= len(dims)) or np.any(at < -len(dims)):
+            return None
+        return np.array([dims[int(i)] for i in at.reshape(-1)], dtype=object).reshape(at.shape)
+    if reader.op == "Slice" and len(index) >= 2 and (len(index) < 3 or index[2].reshape(-1).tolist() in ([0], [-1])):
+        step = int(index[3].reshape(-1)[0]) if len(index) > 3 else 1
+        start, end = (int(np.clip(v.reshape(-1)[0], -2**62, 2**62)) for v in index[:2])
+        return np.array(dims[start:end:step], dtype=object) if step else None
+    return None
 
 
 def evaluate_nodes(nodes, outputs, opsets) -> list[np.ndarray]:

@@ -131,6 +131,48 @@ def test_fold_constants_folds_shape_chains_and_constant_nodes():
     outputs_close(original, folded, {"x": rand(2, 3, 4)}, rtol=0)
 
 
+def test_fold_constants_takes_static_dims_from_the_shape_of_a_dynamic_batch_tensor():
+    """Gather/Slice of a Shape that pick only dims shape inference knows become constants; those that pick the
+    dynamic batch stay, and the model still runs at any batch size."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "i0"], ["n"], name="batch", axis=0),
+             helper.make_node("Gather", ["s", "i2"], ["w"], name="width", axis=0),
+             helper.make_node("Slice", ["s", "one", "three"], ["hw"], name="features"),
+             helper.make_node("ReduceProd", ["hw"], ["f"], name="product", keepdims=1),
+             helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"], name="n1"),
+             helper.make_node("Concat", ["n1", "f"], ["target"], name="target", axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),
+             helper.make_node("Cast", ["w"], ["wf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["r", "wf"], ["y"], name="scale")]
+    inits = [init("i0", np.array(0, np.int64)), init("i2", np.array(-1, np.int64)), init("ax0", np.array([0], np.int64)),
+             init("one", np.array([1], np.int64)), init("three", np.array([3], np.int64))]
+    original = model(nodes, [("x", TensorProto.FLOAT, ["N", 3, 4])], [("y", TensorProto.FLOAT, ["N", 12])], inits)
+    changed, folded = run_pass(original, "fold-constants")
+    assert changed and ops(folded) == ["Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Mul"]
+    concat = next(n for n in folded.graph.node if n.op_type == "Concat")
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert values[concat.input[1]].tolist() == [12]  # the feature count, now a constant piece
+    for batch in (1, 5):
+        outputs_close(original, folded, {"x": rand(batch, 3, 4)}, rtol=0)
+
+
+def test_fold_constants_leaves_the_shipped_vit_no_static_dim_read_at_run_time():
+    """models/mnist_vit.onnx (torch, dynamic batch) reads its token and feature sizes through Shape → Gather:
+    after fold-constants only the batch size is read at run time, and the outputs are unchanged."""
+    from pathlib import Path
+
+    original = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "mnist_vit.onnx"))
+    before = sum(n.op_type == "Gather" for n in original.graph.node)
+    changed, folded = run_pass(original, "fold-constants")
+    produced = {o: n for n in folded.graph.node for o in n.output}
+    shape_reads = [n for n in folded.graph.node if n.op_type in ("Gather", "Slice")
+                   and n.input[0] in produced and produced[n.input[0]].op_type == "Shape"]
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert changed and sum(n.op_type == "Gather" for n in folded.graph.node) < before
+    assert shape_reads and all(values[n.input[1]].reshape(-1).tolist() == [0] for n in shape_reads)
+    outputs_close(original, folded, {"input": rand(3, 1, 28, 28)}, rtol=1e-6)
+
+
 def test_fold_constants_never_folds_qdq_and_respects_size_guard():
     nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="dq"),
              helper.make_node("ConstantOfShape", ["big_shape"], ["big"], name="cos",
