@@ -46,8 +46,10 @@ def count_macs(model: onnx.ModelProto) -> dict[str, int]:
     for node in view.nodes:
         out = view.shape(node.output[0]) if node.output else None
         w = view.shape(node.input[1]) if len(node.input) > 1 else None
-        if out is None or w is None or any(not isinstance(d, int) for d in out[1:]) or any(not isinstance(d, int) for d in w):
+        if out is None or w is None or any(not isinstance(d, int) for d in out[1:]):
             continue
+        if any(not isinstance(d, int) for d in (w[-2:] if node.op_type == "MatMul" else w)):  # a MatMul's B may
+            continue                                                                           # carry the batch
         out_elems = int(np.prod([d if isinstance(d, int) else 1 for d in out], dtype=np.int64))
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Conv":

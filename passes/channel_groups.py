@@ -343,9 +343,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                 followers.setdefault(outs[0].name, []).append(node)
             continue
         for t in ins:
-            fix = (" (shape arithmetic on a dynamic batch: --input-shape for batch 1 folds it)"
-                   if op == "Shape" and t.shape and not isinstance(t.shape[0], int) else "")
-            blocks.append((t.name, f"'{node.name}' ({op}) reads the channels of '{t.name}'{fix}"))
+            blocks.append((t.name, f"'{node.name}' ({op}) reads the channels of '{t.name}'"))
         for t in outs:
             origin[t.name] = f"'{node.name}' ({op})"
     for t in graph.outputs:

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Option, Pass, register_pass
-from compiler.rewrite import const_value, is_graph_output
+from compiler.rewrite import const_value, fresh_name, is_graph_output, producer
 from compiler.runtime import make_session
 
 # Never folded: quantization nodes carry the deployment format, random ops must stay random.
@@ -18,7 +18,8 @@ NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ra
 @register_pass
 class FoldConstants(Pass):
     """Replace Constant nodes, Shape of static tensors, the static entries a Gather or Slice takes from the Shape
-    of a tensor with a dynamic batch, and all-constant subcomputations by initializers.
+    of a tensor with a dynamic batch, a Reshape target with a single entry known only at run time (as -1, which
+    Reshape infers to the same value), and all-constant subcomputations by initializers.
 
     Guarantees: outputs unchanged (values are computed by onnxruntime with optimizations off); Q/DQ and
     random nodes are never folded; a folded tensor larger than both `max_bytes` and the constants it was
@@ -34,7 +35,8 @@ class FoldConstants(Pass):
         folded = 0
         for _ in range(16):  # folding a Shape can make more nodes constant; iterate to a fixed point
             module.infer_shapes()
-            n = self._fold_shapes(module.graph) + _fold_static_dims(module.graph) + self._fold_computations(module)
+            n = (self._fold_shapes(module.graph) + _fold_static_dims(module.graph) + self._fold_computations(module)
+                 + _infer_reshape_entry(module.graph))
             if n == 0:
                 break
             folded += n
@@ -113,37 +115,109 @@ def _fold_static_dims(graph: gs.Graph) -> int:
     Reshape target holds them as constants (channel pruning can rewrite them; the batch entry stays)."""
     count = 0
     for node in list(graph.nodes):
-        shape = node.inputs[0].shape if node.op == "Shape" and not node.domain and node.outputs else None
-        if shape is None:
+        dims = _shape_dims(node)
+        if dims is None:
             continue
-        dims = list(shape)[node.attrs.get("start", 0):node.attrs.get("end", None)]
         for reader in {id(r): r for r in node.outputs[0].outputs}.values():
             if reader.inputs[0] is not node.outputs[0] or not reader.outputs or is_graph_output(graph, reader.outputs[0]):
                 continue
-            picked = _picked_dims(reader, dims)
-            if picked is not None and all(isinstance(d, int) and d >= 0 for d in picked.reshape(-1).tolist()):
+            at = _picked(reader, len(dims))
+            picked = None if at is None else [dims[i][1] for i in at.reshape(-1)]
+            if picked is not None and all(isinstance(d, int) and d >= 0 for d in picked):
                 out = reader.outputs[0]
                 reader.outputs.clear()
-                out.to_constant(picked.astype(np.int64))
+                out.to_constant(np.array(picked, dtype=np.int64).reshape(at.shape))
                 count += 1
     return count
 
 
-def _picked_dims(reader: gs.Node, dims: list) -> np.ndarray | None:
-    """The entries of `dims` that a Gather (axis 0) or a Slice (axis 0, constant bounds) of the shape takes."""
+def _shape_dims(node: gs.Node) -> list[tuple[int, object]] | None:
+    """For a Shape node whose input has a known rank: (axis, size) of each dim it reads, the size an int when
+    static; else None."""
+    if node.op != "Shape" or node.domain or not node.outputs or node.inputs[0].shape is None:
+        return None
+    shape = list(node.inputs[0].shape)
+    axes = list(range(len(shape)))[node.attrs.get("start", 0):node.attrs.get("end", None)]
+    return [(a, shape[a]) for a in axes]
+
+
+def _picked(reader: gs.Node, length: int) -> np.ndarray | None:
+    """The positions a Gather (axis 0) or a Slice (axis 0, constant bounds) of a 1-D tensor of `length` takes."""
     index = [const_value(t) for t in reader.inputs[1:]]
     if any(v is None for v in index):
         return None
     if reader.op == "Gather" and reader.attrs.get("axis", 0) == 0:
         at = index[0].astype(np.int64)
-        if np.any(at >= len(dims)) or np.any(at < -len(dims)):
+        if np.any(at >= length) or np.any(at < -length):
             return None
-        return np.array([dims[int(i)] for i in at.reshape(-1)], dtype=object).reshape(at.shape)
+        return np.where(at < 0, at + length, at)
     if reader.op == "Slice" and len(index) >= 2 and (len(index) < 3 or index[2].reshape(-1).tolist() in ([0], [-1])):
         step = int(index[3].reshape(-1)[0]) if len(index) > 3 else 1
         start, end = (int(np.clip(v.reshape(-1)[0], -2**62, 2**62)) for v in index[:2])
-        return np.array(dims[start:end:step], dtype=object) if step else None
+        return np.arange(length)[start:end:step] if step else None
     return None
+
+
+def _infer_reshape_entry(graph: gs.Graph) -> int:
+    """A Reshape whose target (or each piece of the Concat building it) is known at compile time, but for
+    run-time reads of its own input's sizes at the same position (written 0: copy) and at most one other entry
+    (the batch size, or a product with it; written -1 when the target has none), gets that target as a
+    constant. Reshape copies or infers the sizes the run-time arithmetic computed, for any input it accepts."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Reshape" or node.attrs.get("allowzero", 0) or const_value(node.inputs[1]) is not None:
+            continue
+        built = producer(node.inputs[1])
+        if built is not None and built.op == "Cast":  # tf2onnx builds targets in int32
+            built = producer(built.inputs[0])
+        pieces = built.inputs if built is not None and built.op == "Concat" else [node.inputs[1]]
+        entries = []
+        for piece in pieces:
+            known = _piece_entries(piece)
+            if known is None:
+                break
+            entries += known
+        else:
+            source = node.inputs[0].name
+            entries = [0 if isinstance(e, tuple) and e == (source, k) else None if isinstance(e, tuple) else e
+                       for k, e in enumerate(entries)]
+            if entries.count(None) > 1 or entries.count(None) == 1 and -1 in entries:
+                continue
+            target = np.array([-1 if e is None else e for e in entries], dtype=np.int64)
+            node.inputs[1] = gs.Constant(fresh_name(graph, node.name + "_target"), target)
+            count += 1
+    return count
+
+
+def _piece_entries(piece: gs.Tensor) -> list | None:
+    """The entries of a 1-D shape piece: an int where known at compile time, (tensor name, axis) where it reads
+    a dynamic size of a tensor through Shape (perhaps with Gather, Slice, Unsqueeze), None where only the run
+    time knows it; None when even the piece's length is unknown."""
+    value = const_value(piece)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = producer(piece)
+    if node is not None and node.op == "Unsqueeze" and node.inputs[0].shape == []:
+        return _read_sizes(node.inputs[0]) or [None]
+    if not piece.shape or len(piece.shape) != 1 or not isinstance(piece.shape[0], int):
+        return None
+    return _read_sizes(piece) or [None] * piece.shape[0]
+
+
+def _read_sizes(piece: gs.Tensor) -> list | None:
+    """The sizes a Shape, or a Gather or Slice of one, reads: ints where static, else (tensor name, axis)."""
+    node = producer(piece)
+    shape = node if node is not None and node.op == "Shape" else \
+        producer(node.inputs[0]) if node is not None and node.op in ("Gather", "Slice") else None
+    dims = _shape_dims(shape) if shape is not None else None
+    if dims is None:
+        return None
+    at = np.arange(len(dims)) if shape is node else _picked(node, len(dims))
+    if at is None:
+        return None
+    source = shape.inputs[0].name
+    return [size if isinstance(size, int) and size >= 0 else (source, axis)
+            for axis, size in (dims[i] for i in at.reshape(-1))]
 
 
 def evaluate_nodes(nodes, outputs, opsets) -> list[np.ndarray]:

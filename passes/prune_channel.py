@@ -69,7 +69,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     most = removed_by({s.index: np.concatenate(_units(s, scores[s.index], round_to) or [np.zeros(0, int)])
                        for s in usable})
     if most < ratio * total * 0.98:
-        blocked = sorted((s for s in base if s.blocked), key=lambda s: "--input-shape" not in s.blocked)  # fixable first
+        blocked = [s for s in base if s.blocked]
         why = f"; blocked: {blocked[0].blocked}" + (f" and {len(blocked) - 1} more" if len(blocked) > 1 else "") if blocked else ""
         small = sum(1 for s in base if not s.blocked and s.channels <= _step(s, round_to))
         aligned = f", {small} already have no more than the target's {round_to}-channel alignment" if small else ""
@@ -77,7 +77,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         raise UnsupportedModelError(f"channel pruning can remove at most {fits:.0%} of the prunable "
                                     f"weights here, not {ratio:.0%}: {len(blocked)} of {len(base)} channel groups "
                                     f"are blocked{aligned}{why}; --prune {fits:.2f} fits, or --prune-mode "
-                                    f"sparse prunes every layer")
+                                    f"sparse prunes every layer{_batch_hint(graph) if blocked else ''}")
     worth = None
     proto = module.to_proto() if stats else None  # the model before the cut, for measurements and statistics fits
     curves = _measured_curves(module, proto, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
@@ -117,11 +117,24 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
     return facts, kept
 
 
+def _batch_hint(graph: gs.Graph) -> str:
+    """For a graph input with a dynamic batch: the --input-shape that compiles it for batch 1, where reshapes
+    that fold the batch into other axes (torch's attention heads) have static shapes the analysis can follow."""
+    dynamic = [t for t in graph.inputs if t.shape and not isinstance(t.shape[0], int)]
+    if not dynamic:
+        return ""
+    t = dynamic[0]
+    dims = ",".join(str(d) if isinstance(d, int) else "1" for d in t.shape)
+    return f"; '{t.name}' has a dynamic batch: --input-shape {t.name}={dims} (batch 1) may unblock more"
+
+
 def _positions(node: gs.Node) -> int:
     """Output positions a weight is used at: a Conv's output height x width, a MatMul's tokens, else 1."""
     shape = node.outputs[0].shape
-    spatial = shape[2:] if node.op == "Conv" else shape[1:-1] if node.op == "MatMul" and shape is not None else ()
-    if shape is None or not all(isinstance(d, int) for d in spatial):
+    if shape is None:
+        return 1
+    spatial = shape[2:] if node.op == "Conv" else shape[1:-1] if node.op == "MatMul" else ()
+    if not all(isinstance(d, int) for d in spatial):
         return 1
     return int(np.prod(spatial))
 

@@ -500,33 +500,46 @@ def test_the_consumer_refit_ridge_is_chosen_on_held_out_calibration_rows():
             assert ridge > RIDGES[0] and error < each[0] / 3
 
 
-def test_shape_arithmetic_on_a_dynamic_batch_blocks_with_the_fix_named(tmp_path):
-    """A Shape reading a conv's output (torch's view(x.shape) on a dynamic batch) reads its channels: that group
-    is blocked, and the reason names --input-shape; compiled for batch 1 the Shape folds and the group prunes."""
-    from compiler.ir import Module
-    from passes.channel_groups import analyze
-    from passes.prune_common import prunable_layers
-
+def shape_read_model(merge_batch: bool) -> onnx.ModelProto:
+    """stem → conv1 (16 channels) → Reshape by sizes read at run time → conv2 → classifier, on a dynamic batch:
+    `x.view(x.shape)` (every size known but the batch, which the Reshape copies), or with `merge_batch`
+    `x.view(N * C, -1).view(x.shape)` (a GroupNorm written out), which mixes the channels into the batch."""
     inits = []
     weights("w0", 8, 3, 3, inits=inits)
     weights("w1", 16, 8, 3, inits=inits)
     weights("w2", 8, 16, 1, inits=inits)
-    inits += [init("wc", rand(5, 8)), init("bc", rand(5))]
+    inits += [init("wc", rand(5, 8)), init("bc", rand(5)), init("i0", np.array(0, np.int64)),
+              init("i1", np.array(1, np.int64)), init("ax0", np.array([0], np.int64)), init("m1", np.array([-1], np.int64))]
     nodes = [conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
-             conv("conv1", "r0", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Shape", ["c1"], ["s"]),
-             helper.make_node("Reshape", ["c1", "s"], ["v"]), helper.make_node("Relu", ["v"], ["r1"]),
-             conv("conv2", "r1", "w2", "c2"), helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "wc", "bc"], ["y"], name="classifier", transB=1)]
-    proto = onnx.shape_inference.infer_shapes(
+             conv("conv1", "r0", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Shape", ["c1"], ["s"])]
+    if merge_batch:
+        nodes += [helper.make_node("Gather", ["s", "i0"], ["n"], axis=0), helper.make_node("Gather", ["s", "i1"], ["c"], axis=0),
+                  helper.make_node("Mul", ["n", "c"], ["nc"]), helper.make_node("Unsqueeze", ["nc", "ax0"], ["nc1"]),
+                  helper.make_node("Concat", ["nc1", "m1"], ["rows"], axis=0),
+                  helper.make_node("Reshape", ["c1", "rows"], ["flat"]), helper.make_node("Reshape", ["flat", "s"], ["v"])]
+    else:
+        nodes += [helper.make_node("Reshape", ["c1", "s"], ["v"])]
+    nodes += [helper.make_node("Relu", ["v"], ["r1"]), conv("conv2", "r1", "w2", "c2"),
+              helper.make_node("GlobalAveragePool", ["c2"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+              helper.make_node("Gemm", ["f", "wc", "bc"], ["y"], name="classifier", transB=1)]
+    return onnx.shape_inference.infer_shapes(
         model(nodes, [("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("y", TensorProto.FLOAT, ["N", 5])], inits))
-    module = Module.from_proto(proto)
-    analysis = analyze(module.graph, prunable_layers(module.graph, True, False))
-    conv1 = next(n for n in module.graph.nodes if n.name == "conv1")
-    assert "--input-shape" in next(s for s in analysis.base() if conv1 in s.producers).blocked
+
+
+@pytest.mark.parametrize("merge_batch", [False, True])
+def test_sizes_read_at_run_time_on_a_dynamic_batch(tmp_path, merge_batch):
+    """A Reshape to sizes read by Shape at run time, on a dynamic batch: fold-constants makes `x.view(x.shape)`
+    a constant target, so conv1's channels prune as they would at batch 1; a view that mixes the channels into
+    the batch blocks them, and the refusal names the --input-shape that compiles for batch 1, with which they go."""
+    proto = shape_read_model(merge_batch)
     onnx.save(proto, tmp_path / "in.onnx")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32))
-    compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz",
-                  pipeline="fold-constants,prune{ratio=0.5,mode=channel,first_layer=true,round_to=1}",
-                  input_shapes={"x": [1, 3, 8, 8]})
+    pipeline = "fold-constants,prune{ratio=0.9,mode=channel,first_layer=true,round_to=1}"  # conv1 holds 77%
+    if merge_batch:
+        with pytest.raises(DrpcError, match=r"dynamic batch: --input-shape x=1,3,8,8 \(batch 1\)"):
+            compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "dynamic", calib=tmp_path / "calib.npz",
+                          pipeline=pipeline)
+    shapes = {"input_shapes": {"x": [1, 3, 8, 8]}} if merge_batch else {}
+    compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz", pipeline=pipeline,
+                  **shapes)
     assert out_channels(onnx.load(str(tmp_path / "pkg" / "model.onnx")), "conv1") < 16
