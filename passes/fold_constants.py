@@ -18,8 +18,8 @@ NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ra
 @register_pass
 class FoldConstants(Pass):
     """Replace Constant nodes, Shape of static tensors, the static entries a Gather or Slice takes from the Shape
-    of a tensor with a dynamic batch, a Reshape target with a single entry known only at run time (as -1, which
-    Reshape infers to the same value), and all-constant subcomputations by initializers.
+    of a tensor with a dynamic batch, Reshape targets computed at run time from sizes Reshape can copy (0) or
+    infer (-1) itself (see `_infer_reshape_entry`), and all-constant subcomputations by initializers.
 
     Guarantees: outputs unchanged (values are computed by onnxruntime with optimizations off); Q/DQ and
     random nodes are never folded; a folded tensor larger than both `max_bytes` and the constants it was
