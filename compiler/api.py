@@ -13,7 +13,7 @@ from compiler.calib_data import ImagePreprocess, InputSpec, load_calibration
 from compiler.context import CompileContext
 from compiler.errors import DrpcError, UnsupportedModelError, UsageError
 from compiler.instrument import DumpIR, LosslessCheck, Recorder, ReferenceSnapshot, Verifier
-from compiler.ir import Module
+from compiler.ir import Module, batch_one_flags
 from compiler.pipeline import default_pipeline_text, parse_pipeline
 from compiler.target import load_target
 
@@ -146,10 +146,10 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
                                         f"or --input-shape NAME=d0,d1,...)") from None
         raise
 
-    final = module.to_proto(infer_shapes=True)
-    batch_note = dynamic_batch_note(final)
+    batch_note = dynamic_batch_note(module.graph)
     if batch_note:
         ctx.warn(batch_note)
+    final = module.to_proto(infer_shapes=True)
     package = PackageInputs(model=final, reference=ctx.reference, target=tgt, ctx=ctx, source_path=model_path,
                             pipeline=text, drpc_version=drpc_version())
     descriptor = emit_package(package, out, force)
@@ -157,21 +157,17 @@ def compile_model(model_path: str | Path, target: str = "rzv2h", out_dir: str | 
                          warnings=ctx.warnings, lossless_error=dict(check.worst) if check else {})
 
 
-def dynamic_batch_note(model) -> str:
-    """A warning when the compiled model still computes shapes from a graph input's symbolic batch: that shape
-    arithmetic (Shape, Gather, Concat, ...) runs on the CPU, the layers whose shapes it sets go uncounted in
-    MACs, and in channel mode it blocks the channels it reads. DRP-AI runs one frame at a time, so the fix is
-    compiling for batch 1."""
-    shapes = sum(n.op_type == "Shape" for n in model.graph.node)
-    dynamic = [(i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim])
-               for i in model.graph.input]
-    dynamic = [(name, dims) for name, dims in dynamic if dims and dims[0] is None]
-    if not shapes or not dynamic:
+def dynamic_batch_note(graph) -> str:
+    """A warning when the compiled graph still reads shapes at run time (Shape nodes fold-constants could not
+    fold, as they depend on a dynamic batch): that arithmetic runs on the CPU, and in channel mode it can block
+    the channels it reads. DRP-AI runs one frame at a time, so the fix is compiling for batch 1."""
+    shapes = sum(n.op == "Shape" for n in graph.nodes)
+    flags = batch_one_flags(graph)
+    if not shapes or not flags:
         return ""
-    fixes = " ".join(f"--input-shape {name}={','.join(str(d or 1) for d in dims)}" for name, dims in dynamic)
-    return (f"input '{dynamic[0][0]}' has a dynamic batch and the model computes shapes from its inputs at run "
-            f"time ({shapes} Shape nodes): that arithmetic runs on the CPU and blocks channel pruning where it "
-            f"reads channels; {fixes} compiles for batch 1, as DRP-AI runs")
+    return (f"the model computes shapes from a dynamic batch at run time ({shapes} Shape nodes): that arithmetic "
+            f"runs on the CPU and blocks channel pruning where it reads channels; {' '.join(flags)} compiles for "
+            f"batch 1, as DRP-AI runs")
 
 
 def set_input_shapes(module: Module, shapes: dict[str, list[int]]) -> None:

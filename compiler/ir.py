@@ -161,6 +161,13 @@ def name_nodes(graph: gs.Graph) -> None:
                 name_nodes(value)
 
 
+def batch_one_flags(graph: gs.Graph) -> list[str]:
+    """`--input-shape NAME=1,...` for each graph input whose batch (first) dim is dynamic: what compiles it for
+    batch 1, as DRP-AI runs (its other dynamic dims, if any, also 1)."""
+    return [f"--input-shape {t.name}={','.join(str(d) if isinstance(d, int) and d >= 0 else '1' for d in t.shape)}"
+            for t in graph.inputs if t.shape and not (isinstance(t.shape[0], int) and t.shape[0] >= 0)]
+
+
 def infer_shapes_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference with data propagation; through a file for models past the protobuf limit."""
     try:

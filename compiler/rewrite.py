@@ -188,7 +188,7 @@ def set_shape_entry(graph: gs.Graph, node: gs.Node, index: int, value: int, shar
     if flat[at] <= 0 or flat[at] == value:
         return True
     flat[at] = value
-    read_apart = producer(node.inputs[1]) is not owner and len(owner.outputs[0].outputs) > 1  # the Concat, past its Cast
+    read_apart = producer(node.inputs[1]) is not owner and len(owner.outputs[0].outputs) > 1  # a Concat others read past its Cast
     if owner is not node and (read_apart or not shared and len(node.inputs[1].outputs) > 1):
         owner = _own_shape(graph, node, owner)
     set_input(owner, i, gs.Constant(fresh_name(graph, node.name + "_shape"), values))

@@ -115,19 +115,16 @@ def _fold_static_dims(graph: gs.Graph) -> int:
     Reshape target holds them as constants (channel pruning can rewrite them; the batch entry stays)."""
     count = 0
     for node in list(graph.nodes):
-        dims = _shape_dims(node)
-        if dims is None:
+        if node.op not in ("Gather", "Slice") or not node.outputs or is_graph_output(graph, node.outputs[0]):
             continue
-        for reader in {id(r): r for r in node.outputs[0].outputs}.values():
-            if reader.inputs[0] is not node.outputs[0] or not reader.outputs or is_graph_output(graph, reader.outputs[0]):
-                continue
-            at = _picked(reader, len(dims))
-            picked = None if at is None else [dims[i][1] for i in at.reshape(-1)]
-            if picked is not None and all(isinstance(d, int) and d >= 0 for d in picked):
-                out = reader.outputs[0]
-                reader.outputs.clear()
-                out.to_constant(np.array(picked, dtype=np.int64).reshape(at.shape))
-                count += 1
+        sizes = _read_sizes(node.outputs[0])
+        if sizes is None or not all(isinstance(size, int) for size in sizes):
+            continue
+        shape = const_value(node.inputs[1]).shape if node.op == "Gather" else (len(sizes),)
+        out = node.outputs[0]
+        node.outputs.clear()
+        out.to_constant(np.array(sizes, dtype=np.int64).reshape(shape))
+        count += 1
     return count
 
 

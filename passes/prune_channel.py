@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
+from compiler.ir import batch_one_flags
 from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input, set_shape_entry
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
 from passes.normalizer_fit import StatisticFit, fit_statistics
@@ -118,14 +119,10 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
 
 
 def _batch_hint(graph: gs.Graph) -> str:
-    """For a graph input with a dynamic batch: the --input-shape that compiles it for batch 1, where reshapes
-    that fold the batch into other axes (torch's attention heads) have static shapes the analysis can follow."""
-    dynamic = [t for t in graph.inputs if t.shape and not isinstance(t.shape[0], int)]
-    if not dynamic:
-        return ""
-    t = dynamic[0]
-    dims = ",".join(str(d) if isinstance(d, int) else "1" for d in t.shape)
-    return f"; '{t.name}' has a dynamic batch: --input-shape {t.name}={dims} (batch 1) may unblock more"
+    """For a dynamic batch: the --input-shape that compiles for batch 1, where reshapes that fold the batch into
+    other axes (torch's attention heads) have static shapes the analysis can follow."""
+    flags = batch_one_flags(graph)
+    return f"; the input has a dynamic batch: {flags[0]} (batch 1) may unblock more" if flags else ""
 
 
 def _positions(node: gs.Node) -> int:
@@ -351,14 +348,12 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int, np.ndarra
             view = analysis.view[f.outputs[0].name]
             if any(p.space in keep for p in view):  # a blocked view (space -1) has no channel to follow
                 _slice_follower(graph, f, kept_positions(view, keep), analysis.axis[f.outputs[0].name])
-    shapes = {id(n): (n.inputs[1].name, analysis.axis[n.outputs[0].name],
-                      len(kept_positions(analysis.view[n.outputs[0].name], keep)))
+    shapes = {id(n): (analysis.axis[n.outputs[0].name], len(kept_positions(analysis.view[n.outputs[0].name], keep)))
               for n in analysis.rewrites if n.op in ("Reshape", "Expand")}
     for node in analysis.rewrites:
         if id(node) in shapes:  # a shape every reader of which takes the same change is changed in place
-            name, axis, count = shapes[id(node)]
-            shared = all(shapes.get(id(r), ())[1:] == (axis, count) for r in node.inputs[1].outputs)
-            set_shape_entry(graph, node, axis, count, shared=shared)
+            shared = all(shapes.get(id(r)) == shapes[id(node)] for r in node.inputs[1].outputs)
+            set_shape_entry(graph, node, *shapes[id(node)], shared=shared)
         else:
             _rewrite_offsets(graph, analysis, node, keep)
     for node, entry, space in analysis.heads:
