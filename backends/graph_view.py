@@ -53,6 +53,18 @@ class GraphView:
         """The tensor's shape, or None when unknown."""
         return self.value_infos.get(name, (None, None))[0]
 
+    @cached_property
+    def batch_names(self) -> set[str]:
+        """The names of the graph inputs' symbolic first dims: the batch, 1 on the accelerator wherever a tensor
+        carries it (a Transpose can move it off the first axis: attention's [3, batch, heads, tokens, dim])."""
+        return {d.dim_param for i in self.graph.input if i.name not in self.consts
+                for d in i.type.tensor_type.shape.dim[:1] if d.dim_param}
+
+    def static_but_batch(self, name: str) -> bool:
+        """Whether the tensor's shape is known but for the batch (its first dim, or a dim named as the batch)."""
+        shape = self.shape(name)
+        return shape is not None and all(isinstance(d, int) or d in self.batch_names for d in shape[1:])
+
     def dtype(self, name: str) -> str | None:
         """The tensor's numpy dtype name, or None."""
         return self.value_infos.get(name, (None, None))[1]
@@ -88,7 +100,8 @@ class GraphView:
         return name
 
     def nbytes(self, name: str, batch: int = 1) -> int | None:
-        """Bytes of a tensor with a static shape (a symbolic first dim counts as `batch`), else None."""
+        """Bytes of a tensor with a static shape (a symbolic first dim, or a dim named as the batch, counts as
+        `batch`), else None."""
         shape, dtype = self.value_infos.get(name, (None, None))
         if shape is None or dtype is None:
             return None
@@ -96,7 +109,7 @@ class GraphView:
         for i, d in enumerate(shape):
             if isinstance(d, int) and d >= 0:
                 dims.append(d)
-            elif i == 0:
+            elif i == 0 or d in self.batch_names:
                 dims.append(batch)
             else:
                 return None

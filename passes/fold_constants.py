@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from compiler.ir import Module
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import const_value, fresh_name, is_graph_output, producer
 from compiler.runtime import make_session
@@ -19,7 +20,9 @@ NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ra
 class FoldConstants(Pass):
     """Replace Constant nodes, Shape of static tensors, the static entries a Gather or Slice takes from the Shape
     of a tensor with a dynamic batch, Reshape targets computed at run time from sizes Reshape can copy (0) or
-    infer (-1) itself (see `_infer_reshape_entry`), and all-constant subcomputations by initializers.
+    infer (-1) itself (see `_infer_reshape_entry`), and all-constant subcomputations by initializers. What
+    those rules leave of Reshape targets and Expand shapes is decided once by probing the dynamic sizes (see
+    `_probed_shape_inputs`).
 
     Guarantees: outputs unchanged (values are computed by onnxruntime with optimizations off); Q/DQ and
     random nodes are never folded; a folded tensor larger than both `max_bytes` and the constants it was
@@ -32,8 +35,20 @@ class FoldConstants(Pass):
 
     def run(self, module, ctx) -> bool:
         changed = self._constant_nodes(module.graph)
+        folded = self._to_fixed_point(module)
+        probed = _probed_shape_inputs(module)  # what the rules leave, once
+        if probed:  # sizes inferred before (fresh names for what the run-time arithmetic made) are forgotten
+            module.reinfer_shapes()
+            folded += probed + self._to_fixed_point(module)
+        if ctx is not None:
+            ctx.log(constant_nodes=changed, folded_tensors=folded)
+        return bool(changed or folded)
+
+    def _to_fixed_point(self, module) -> int:
+        """Apply the folding rules until none applies (folding a Shape can make more nodes constant); the count
+        of folds. The graph's shapes are inferred at the end."""
         folded = 0
-        for _ in range(16):  # folding a Shape can make more nodes constant; iterate to a fixed point
+        for _ in range(16):
             module.infer_shapes()
             n = (self._fold_shapes(module.graph) + _fold_static_dims(module.graph) + self._fold_computations(module)
                  + _infer_reshape_entry(module.graph))
@@ -41,9 +56,7 @@ class FoldConstants(Pass):
                 break
             folded += n
             module.graph.cleanup(remove_unused_graph_inputs=False)
-        if ctx is not None:
-            ctx.log(constant_nodes=changed, folded_tensors=folded)
-        return bool(changed or folded)
+        return folded
 
     @staticmethod
     def _constant_nodes(graph: gs.Graph) -> int:
@@ -157,10 +170,11 @@ def _picked(reader: gs.Node, length: int) -> np.ndarray | None:
 
 def _infer_reshape_entry(graph: gs.Graph) -> int:
     """A Reshape whose target (or each piece of the Concat building it) is known at compile time, but for
-    run-time reads of its own input's sizes at the same position (written 0: copy) and at most one other entry
+    run-time reads of its input's sizes at the same position (of the input itself, or of a tensor whose size
+    there has the same symbolic name: the batch; written 0: copy) and at most one other entry
     (the batch size, or a product with it; written -1 when the target has none), gets that target as a
     constant. Reshape copies or infers the sizes the run-time arithmetic computed, for any input it accepts."""
-    count = 0
+    count, tensors = 0, graph.tensors()
     for node in list(graph.nodes):
         if node.op != "Reshape" or node.attrs.get("allowzero", 0) or const_value(node.inputs[1]) is not None:
             continue
@@ -175,15 +189,131 @@ def _infer_reshape_entry(graph: gs.Graph) -> int:
                 break
             entries += known
         else:
-            source = node.inputs[0].name
-            entries = [0 if isinstance(e, tuple) and e == (source, k) else None if isinstance(e, tuple) else e
-                       for k, e in enumerate(entries)]
+            entries = [0 if isinstance(e, tuple) and _same_size(tensors, e, node.inputs[0], k)
+                       else None if isinstance(e, tuple) else e for k, e in enumerate(entries)]
             if entries.count(None) > 1 or entries.count(None) == 1 and -1 in entries:
                 continue
             target = np.array([-1 if e is None else e for e in entries], dtype=np.int64)
             node.inputs[1] = gs.Constant(fresh_name(graph, node.name + "_target"), target)
             count += 1
     return count
+
+
+def _same_size(tensors: dict[str, gs.Tensor], read: tuple[str, int], source: gs.Tensor, axis: int) -> bool:
+    """Whether the size `read` ((tensor name, axis)) is the size of `source` at `axis`: the same tensor and axis,
+    or dims shape inference gave the same symbolic name (the batch, read from another tensor)."""
+    if read == (source.name, axis):
+        return True
+    shape, other = source.shape, tensors.get(read[0])
+    other_shape = other.shape if other is not None else None
+    return (shape is not None and other_shape is not None and axis < len(shape) and read[1] < len(other_shape)
+            and isinstance(shape[axis], str) and shape[axis] == other_shape[read[1]])
+
+
+def _probed_shape_inputs(module) -> int:
+    """Reshape targets and Expand shapes still computed at run time, decided by probing: the model with the
+    graph inputs' dynamic sizes set to each of three probe values, folded and shape-inferred (`_probe_shapes`),
+    gives each node's input and output sizes, and each output size is classed by how it varies across probes.
+
+    - Reshape: a size the same in all probes is written as it is, one equal to the input's size at the same
+      position is copied (0), and at most one other is inferred (-1); else the target stays. That covers
+      targets built from another tensor's batch (LeViT's `view(B, N, heads, -1)` of its Linear's output) and
+      from products with it (`B * heads`).
+    - Expand: a size the same in all probes is written as it is, one equal to the input's (aligned) size is
+      kept (1), any other must equal a graph input's dynamic size, read there by Shape → Gather; else the
+      shape stays. That replaces torch's `expand(B, -1, -1)` (a Where over the sizes, which shape inference
+      cannot see through) for a ViT's class token, so the tensors after it have known feature sizes."""
+    graph = module.graph
+    pending = [n for n in graph.nodes if n.op in ("Reshape", "Expand") and not n.attrs.get("allowzero", 0)
+               and const_value(n.inputs[1]) is None and not is_graph_output(graph, n.outputs[0])]
+    if not pending:
+        return 0
+    proto = module.to_proto()
+    dynamic = [(i.name, k, d.dim_param or f"?{i.name}:{k}") for i in proto.graph.input
+               for k, d in enumerate(i.type.tensor_type.shape.dim) if not d.HasField("dim_value")]
+    names = sorted({name for _, _, name in dynamic})
+    if not names:
+        return 0
+    probes = [_probe_shapes(proto, names, j) for j in range(len(PROBE_STEPS))]
+    if any(p is None for p in probes):
+        return 0
+    inputs = {t.name: t for t in graph.inputs}
+    count = 0
+    for node in pending:
+        data = node.inputs[0]
+        ins = [list(data.shape) if isinstance(data, gs.Constant) else p.get(data.name) for p in probes]
+        outs = [p.get(node.outputs[0].name) for p in probes]
+        if any(s is None for s in ins + outs) or len({len(s) for s in outs}) != 1:
+            continue
+        entries = []
+        for k in range(len(outs[0])):
+            sizes = [s[k] for s in outs]
+            if len(set(sizes)) == 1 and sizes[0] != 0:
+                entries.append(sizes[0])
+                continue
+            at = k if node.op == "Reshape" else k - len(outs[0]) + len(ins[0])  # Expand aligns from the right
+            if at >= 0 and all(at < len(i) and i[at] == size for i, size in zip(ins, sizes)):
+                entries.append(0 if node.op == "Reshape" else 1)
+            elif node.op == "Reshape":
+                entries.append(-1)
+            else:
+                entries.append(next(((name, axis) for name, axis, _ in dynamic
+                                     if [p[name][axis] for p in probes] == sizes), None))
+        if node.op == "Reshape" and entries.count(-1) > 1 or None in entries:
+            continue
+        node.inputs[1] = _shape_tensor(graph, node.name, entries, inputs)
+        count += 1
+    return count
+
+
+def _shape_tensor(graph: gs.Graph, name: str, entries: list, inputs: dict[str, gs.Tensor]) -> gs.Tensor:
+    """A 1-D int64 shape: a constant when every entry is an int, else a Concat of constant runs and, for each
+    (graph input, axis) entry, that input's size read by Shape → Gather."""
+    if all(isinstance(e, int) for e in entries):
+        return gs.Constant(fresh_name(graph, name + "_target"), np.array(entries, dtype=np.int64))
+    pieces, run = [], []
+    for entry in entries + [None]:
+        if isinstance(entry, int):
+            run.append(entry)
+            continue
+        if run:
+            pieces.append(gs.Constant(fresh_name(graph, name + "_sizes"), np.array(run, dtype=np.int64)))
+            run = []
+        if entry is not None:
+            shape = graph.layer(op="Shape", name=fresh_name(graph, name + "_read_shape"), inputs=[inputs[entry[0]]],
+                                outputs=[gs.Variable(fresh_name(graph, name + "_input_shape"), np.int64)])[0]
+            axis = gs.Constant(fresh_name(graph, name + "_axis"), np.array([entry[1]], dtype=np.int64))
+            pieces += graph.layer(op="Gather", name=fresh_name(graph, name + "_read_size"), inputs=[shape, axis],
+                                  outputs=[gs.Variable(fresh_name(graph, name + "_size"), np.int64)], attrs={"axis": 0})
+    return graph.layer(op="Concat", name=fresh_name(graph, name + "_shape"), inputs=pieces,
+                       outputs=[gs.Variable(fresh_name(graph, name + "_shape_out"), np.int64)], attrs={"axis": 0})[0]
+
+
+# Probe j sets the i-th dynamic input size to PROBE_STEPS[j] + 8 i on a first axis (a batch), 32 times that on
+# other axes (image sizes that survive a network's strides; sequence lengths).
+PROBE_STEPS = (3, 5, 7)
+
+
+def _probe_shapes(proto: onnx.ModelProto, names: list[str], j: int) -> dict[str, list[int]] | None:
+    """Fully known tensor shapes by name when the dynamic input sizes take probe j's values: the model with
+    those sizes, folded (so sizes computed by ops shape inference does not follow, such as Where, become
+    constants) and shape-inferred; None when that fails at those sizes."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.value_info[:]
+    for graph_input in probe.graph.input:
+        for k, dim in enumerate(graph_input.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                size = PROBE_STEPS[j] + 8 * names.index(dim.dim_param or f"?{graph_input.name}:{k}")
+                dim.Clear()
+                dim.dim_value = size if k == 0 else 32 * size
+    try:
+        module = Module.from_proto(probe)
+        FoldConstants()._to_fixed_point(module)
+    except Exception:  # noqa: BLE001 - any failure at the probe sizes (a model that runs only at its export size)
+        return None
+    return {name: list(t.shape) for name, t in module.graph.tensors().items()
+            if t.shape is not None and all(isinstance(d, int) and d >= 0 for d in t.shape)}
 
 
 def _piece_entries(piece: gs.Tensor) -> list | None:

@@ -100,3 +100,17 @@ def test_magika_channel_pruned_keeps_most_of_its_answers(corpus, tmp_path):
     accuracy = {form: task.score(datasets.run_task(make_session(onnx.load(str(path))), task), task.eval_y)
                 for form, path in (("float", task.model), ("pruned", out / "model.onnx"))}
     assert accuracy["pruned"] >= accuracy["float"] - 0.03, accuracy
+
+
+def test_magika_dynamic_batch_reshapes_get_constant_targets(corpus, tmp_path, capsys):
+    """magika as published (a dynamic batch; jax2tf computes its Reshape targets and Expand shapes from it at run
+    time): every Reshape target in the package is a constant, and the shape arithmetic left reads the graph
+    input only, for the Expands to the batch (43 layers on the CPU before fold-constants probed them, 34 now)."""
+    report, out = compile_and_simulate(corpus, tmp_path, capsys, "magika_standard_v3_3")
+    model = onnx.load(str(out / "model.onnx"))
+    constants = {i.name for i in model.graph.initializer}
+    assert all(n.input[1] in constants for n in model.graph.node if n.op_type == "Reshape")
+    graph_inputs = {i.name for i in model.graph.input}
+    assert all(n.input[0] in graph_inputs for n in model.graph.node if n.op_type == "Shape")
+    deploy = json.loads((out / "deploy.json").read_text())
+    assert deploy["totals"]["layers_on_cpu"] <= 34

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
@@ -162,15 +163,82 @@ def test_a_dynamic_batch_compiles_like_batch_1_where_its_shapes_are_known(tmp_pa
     assert np.array_equal(whole.argmax(1), one_by_one.argmax(1))
 
 
-def test_shape_arithmetic_left_on_a_dynamic_batch_is_named_with_the_fix(tmp_path):
-    """`x.view(N * C, -1)` on a dynamic batch keeps its shape arithmetic at run time: the compile warns and names
-    the --input-shape that compiles for batch 1, which folds it away."""
-    from test_channel_pruning import shape_read_model
+def token_model() -> onnx.ModelProto:
+    """Tokens x [N, 4, 8] on a dynamic batch, with the sizes read the way torch's exporter writes them: a class
+    token expanded to the batch (`cls.expand(N, -1, -1)`: a Where over the sizes), joined to x; a Linear; its
+    output viewed as heads with the batch read from x, another tensor (LeViT's `view(B, T, heads, -1)`); heads
+    moved first ([heads, N, T, dim], as attention's q, k, v are) and folded into the batch (`view(B * heads, -1)`,
+    nn.MultiheadAttention's way); back to [N, 40]; a classifier."""
+    def size(name, axis=0, of="x"):
+        return [helper.make_node("Shape", [of], [name + "_shape"]),
+                helper.make_node("Gather", [name + "_shape", f"i{axis}"], [name + "_size"], axis=0),
+                helper.make_node("Unsqueeze", [name + "_size", "ax0"], [name])]
 
-    onnx.save(shape_read_model(merge_batch=True), tmp_path / "m.onnx")
+    inits = [init("i0", np.array(0, np.int64)), init("ax0", np.array([0], np.int64)), init("m1", np.array([-1], np.int64)),
+             init("ones", np.ones(3, np.int64)), init("two", np.array([2], np.int64)), init("five", np.array([5], np.int64)),
+             init("cls", rand(1, 1, 8)), init("w", rand(8, 8)), init("wc", rand(40, 5))]
+    nodes = size("b") + [
+        helper.make_node("Concat", ["b", "m1", "m1"], ["wanted"], axis=0),
+        helper.make_node("Equal", ["wanted", "m1"], ["kept"]),
+        helper.make_node("Where", ["kept", "ones", "wanted"], ["sizes"]),
+        helper.make_node("Expand", ["cls", "sizes"], ["cls_n"], name="expand_cls"),
+        helper.make_node("Concat", ["cls_n", "x"], ["tokens"], axis=1, name="join"),
+        helper.make_node("MatMul", ["tokens", "w"], ["h"], name="linear"),
+        helper.make_node("Concat", ["b", "five", "two", "m1"], ["heads_shape"], axis=0),
+        helper.make_node("Reshape", ["h", "heads_shape"], ["heads"], name="view_heads"),
+        helper.make_node("Transpose", ["heads"], ["per_head"], perm=[2, 0, 1, 3], name="heads_first"),
+        helper.make_node("Mul", ["b", "two"], ["b2"]),
+        helper.make_node("Concat", ["b2", "m1"], ["folded_shape"], axis=0),
+        helper.make_node("Reshape", ["per_head", "folded_shape"], ["folded"], name="view_folded"),
+        helper.make_node("Relu", ["folded"], ["r"]),
+        helper.make_node("Concat", ["b", "m1"], ["back_shape"], axis=0),
+        helper.make_node("Reshape", ["r", "back_shape"], ["back"], name="view_back"),
+        helper.make_node("MatMul", ["back", "wc"], ["y"], name="classifier")]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_sizes_computed_from_a_dynamic_batch_become_constant_where_probes_show_they_can():
+    """fold-constants probes the sizes shape inference cannot follow: each Reshape of the token model gets a
+    constant target (the batch copied or inferred), the class token's Expand reads the batch from the graph
+    input instead of a Where, every tensor after it has known feature sizes, and the model answers as before at
+    batches 1, 2 and 3."""
+    from compiler.ir import Module
+    from passes.fold_constants import FoldConstants
+
+    original = token_model()
+    module = Module.from_proto(original)
+    assert FoldConstants().run(module, None)
+    graph = module.graph
+    nodes = {n.name: n for n in graph.nodes}
+    targets = {name: nodes[name].inputs[1] for name in ("view_heads", "view_folded", "view_back")}
+    assert all(isinstance(t, gs.Constant) for t in targets.values())
+    assert targets["view_heads"].values.tolist() == [0, 5, 2, 4]
+    assert targets["view_folded"].values.tolist() == [-1, 20]
+    assert not any(n.op in ("Where", "Equal") for n in graph.nodes)
+    reads = [n for n in graph.nodes if n.op == "Shape"]
+    assert [n.inputs[0].name for n in reads] == ["x"]
+    tensors = graph.tensors()
+    assert tensors["tokens"].shape == ["N", 5, 8] and tensors["per_head"].shape == [2, "N", 5, 4]
+    folded = module.to_proto()
+    for batch in (1, 2, 3):
+        feed = {"x": rand(batch, 4, 8)}
+        np.testing.assert_allclose(make_session(folded).run(None, feed)[0], make_session(original).run(None, feed)[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_shape_arithmetic_left_on_a_dynamic_batch_is_named_with_the_fix(tmp_path):
+    """The class token's Expand still reads the batch at run time: the compile warns and names the --input-shape
+    that compiles for batch 1, which folds it away. The Transpose that moves the batch off the first axis runs
+    on the accelerator all the same (the batch is 1 there)."""
+    onnx.save(token_model(), tmp_path / "m.onnx")
     dynamic = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "dynamic")
+    engines = {layer["name"]: layer["engine"] for layer in dynamic.descriptor["layers"]}
+    assert engines["heads_first"] == "drpai" and engines["expand_cls"] == "cpu"
     note = [w for w in dynamic.warnings if "dynamic batch" in w]
-    assert note and "--input-shape x=1,3,8,8" in note[0], dynamic.warnings
-    fixed = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "fixed", input_shapes={"x": [1, 3, 8, 8]})
+    assert note and "--input-shape x=1,4,8" in note[0], dynamic.warnings
+    fixed = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "fixed", input_shapes={"x": [1, 4, 8]})
     assert not any("dynamic batch" in w for w in fixed.warnings)
     assert fixed.descriptor["totals"]["layers_on_cpu"] < dynamic.descriptor["totals"]["layers_on_cpu"]
+    assert simulate(tmp_path / "dynamic").ok
