@@ -46,7 +46,7 @@ def count_macs(model: onnx.ModelProto) -> dict[str, int]:
     for node in view.nodes:
         out = view.shape(node.output[0]) if node.output else None
         w = view.shape(node.input[1]) if len(node.input) > 1 else None
-        if out is None or w is None or not view.static_but_batch(node.output[0]):
+        if out is None or w is None or any(not isinstance(d, int) for d in out[1:]):
             continue
         if any(not isinstance(d, int) for d in (w[-2:] if node.op_type == "MatMul" else w)):  # a MatMul's B may
             continue                                                                           # carry the batch

@@ -34,17 +34,18 @@ class GraphView:
 
     @cached_property
     def value_infos(self) -> dict[str, tuple[list, str | None]]:
-        """name → (shape with ints or dim names/None, numpy dtype name)."""
+        """name → (shape with ints or dim names/None, numpy dtype name). With a dynamic batch (a graph input's
+        symbolic first dim), an inner tensor's shape is the one it has at batch 1, the accelerator's, wherever
+        shape inference knows it there: sizes that are products with the batch (attention heads folded into it)
+        or that a Transpose moved off the first axis are known then."""
         out = {}
         for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
-            tt = vi.type.tensor_type
-            if not tt.HasField("shape"):
-                shape = None
-            else:
-                shape = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
-                         for d in tt.shape.dim]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else None
-            out[vi.name] = (shape, dtype)
+            out[vi.name] = _shape_and_dtype(vi)
+        interface = {vi.name for vi in list(self.graph.input) + list(self.graph.output)}
+        for vi in _inner_value_infos_at_batch_one(self.model):
+            shape, dtype = _shape_and_dtype(vi)
+            if vi.name not in interface and shape is not None and all(isinstance(d, int) for d in shape):
+                out[vi.name] = (shape, dtype)
         for name, value in self.consts.items():
             out[name] = (list(value.shape), value.dtype.name)
         return out
@@ -52,18 +53,6 @@ class GraphView:
     def shape(self, name: str) -> list | None:
         """The tensor's shape, or None when unknown."""
         return self.value_infos.get(name, (None, None))[0]
-
-    @cached_property
-    def batch_names(self) -> set[str]:
-        """The names of the graph inputs' symbolic first dims: the batch, 1 on the accelerator wherever a tensor
-        carries it (a Transpose can move it off the first axis: attention's [3, batch, heads, tokens, dim])."""
-        return {d.dim_param for i in self.graph.input if i.name not in self.consts
-                for d in i.type.tensor_type.shape.dim[:1] if d.dim_param}
-
-    def static_but_batch(self, name: str) -> bool:
-        """Whether the tensor's shape is known but for the batch (its first dim, or a dim named as the batch)."""
-        shape = self.shape(name)
-        return shape is not None and all(isinstance(d, int) or d in self.batch_names for d in shape[1:])
 
     def dtype(self, name: str) -> str | None:
         """The tensor's numpy dtype name, or None."""
@@ -100,8 +89,7 @@ class GraphView:
         return name
 
     def nbytes(self, name: str, batch: int = 1) -> int | None:
-        """Bytes of a tensor with a static shape (a symbolic first dim, or a dim named as the batch, counts as
-        `batch`), else None."""
+        """Bytes of a tensor with a static shape (a symbolic first dim counts as `batch`), else None."""
         shape, dtype = self.value_infos.get(name, (None, None))
         if shape is None or dtype is None:
             return None
@@ -109,8 +97,44 @@ class GraphView:
         for i, d in enumerate(shape):
             if isinstance(d, int) and d >= 0:
                 dims.append(d)
-            elif i == 0 or d in self.batch_names:
+            elif i == 0:
                 dims.append(batch)
             else:
                 return None
         return int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _shape_and_dtype(vi: onnx.ValueInfoProto) -> tuple[list | None, str | None]:
+    tt = vi.type.tensor_type
+    shape = ([d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None) for d in tt.shape.dim]
+             if tt.HasField("shape") else None)
+    return shape, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else None
+
+
+def _inner_value_infos_at_batch_one(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The value_info onnx shape inference (with data propagation) gives when every graph input's symbolic first
+    dim is 1; none without such a dim. The copy inferred carries the float weights' dims only, not their data."""
+    inputs = [i for i in model.graph.input if i.type.tensor_type.HasField("shape") and i.type.tensor_type.shape.dim
+              and not i.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if not inputs:
+        return []
+    copy = onnx.ModelProto()
+    copy.ir_version = model.ir_version
+    copy.opset_import.extend(model.opset_import)
+    copy.graph.node.extend(model.graph.node)
+    copy.graph.input.extend(model.graph.input)
+    copy.graph.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or np.prod(init.dims) <= 16:
+            copy.graph.initializer.append(init)
+        else:  # shape inference reads a weight's dims and type only
+            copy.graph.initializer.append(onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims))
+    for graph_input in copy.graph.input:
+        dim = graph_input.type.tensor_type.shape.dim
+        if dim and not dim[0].HasField("dim_value"):
+            dim[0].Clear()
+            dim[0].dim_value = 1
+    try:
+        return list(onnx.shape_inference.infer_shapes(copy, data_prop=True).graph.value_info)
+    except Exception:  # noqa: BLE001 - a model that does not infer at batch 1 keeps its own shapes
+        return []

@@ -91,7 +91,8 @@ def _cpu_reason(node, view: GraphView, target) -> str | None:
     if rules is None:
         return f"op {op} is not supported by {target.accelerator}"
     for out in node.output:
-        if not view.static_but_batch(out):
+        shape = view.shape(out)
+        if shape is None or any(not isinstance(d, int) for d in shape[1:]):
             return "dynamic or unknown shape"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     x_shape = view.shape(node.input[0]) if node.input else None

@@ -190,7 +190,7 @@ def token_model() -> onnx.ModelProto:
         helper.make_node("Mul", ["b", "two"], ["b2"]),
         helper.make_node("Concat", ["b2", "m1"], ["folded_shape"], axis=0),
         helper.make_node("Reshape", ["per_head", "folded_shape"], ["folded"], name="view_folded"),
-        helper.make_node("Relu", ["folded"], ["r"]),
+        helper.make_node("Relu", ["folded"], ["r"], name="relu_folded"),
         helper.make_node("Concat", ["b", "m1"], ["back_shape"], axis=0),
         helper.make_node("Reshape", ["r", "back_shape"], ["back"], name="view_back"),
         helper.make_node("MatMul", ["back", "wc"], ["y"], name="classifier")]
@@ -230,15 +230,17 @@ def test_sizes_computed_from_a_dynamic_batch_become_constant_where_probes_show_t
 
 def test_shape_arithmetic_left_on_a_dynamic_batch_is_named_with_the_fix(tmp_path):
     """The class token's Expand still reads the batch at run time: the compile warns and names the --input-shape
-    that compiles for batch 1, which folds it away. The Transpose that moves the batch off the first axis runs
-    on the accelerator all the same (the batch is 1 there)."""
+    that compiles for batch 1, which folds it away. The Transpose that moves the batch off the first axis and the
+    Relu on heads folded into the batch run on the accelerator all the same, and every MAC is counted: the
+    backend reads the shapes at batch 1, the accelerator's."""
     onnx.save(token_model(), tmp_path / "m.onnx")
     dynamic = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "dynamic")
     engines = {layer["name"]: layer["engine"] for layer in dynamic.descriptor["layers"]}
-    assert engines["heads_first"] == "drpai" and engines["expand_cls"] == "cpu"
+    assert engines["heads_first"] == engines["relu_folded"] == "drpai" and engines["expand_cls"] == "cpu"
     note = [w for w in dynamic.warnings if "dynamic batch" in w]
     assert note and "--input-shape x=1,4,8" in note[0], dynamic.warnings
     fixed = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "fixed", input_shapes={"x": [1, 4, 8]})
     assert not any("dynamic batch" in w for w in fixed.warnings)
     assert fixed.descriptor["totals"]["layers_on_cpu"] < dynamic.descriptor["totals"]["layers_on_cpu"]
+    assert fixed.descriptor["totals"]["macs"] == dynamic.descriptor["totals"]["macs"]
     assert simulate(tmp_path / "dynamic").ok
