@@ -257,8 +257,8 @@ def _probed_shape_inputs(module) -> int:
             elif node.op == "Reshape":
                 entries.append(-1)
             else:
-                entries.append(next(((name, axis) for name, axis, _ in dynamic
-                                     if [p[name][axis] for p in probes] == sizes), None))
+                entries.append(next(((name, axis) for name, axis, dim in dynamic
+                                     if [_probe_size(names, dim, j, axis) for j in range(len(probes))] == sizes), None))
         if node.op == "Reshape" and entries.count(-1) > 1 or None in entries:
             continue
         node.inputs[1] = _shape_tensor(graph, node.name, entries, inputs)
@@ -289,9 +289,14 @@ def _shape_tensor(graph: gs.Graph, name: str, entries: list, inputs: dict[str, g
                        outputs=[gs.Variable(fresh_name(graph, name + "_shape_out"), np.int64)], attrs={"axis": 0})[0]
 
 
-# Probe j sets the i-th dynamic input size to PROBE_STEPS[j] + 8 i on a first axis (a batch), 32 times that on
-# other axes (image sizes that survive a network's strides; sequence lengths).
 PROBE_STEPS = (3, 5, 7)
+
+
+def _probe_size(names: list[str], name: str, j: int, axis: int) -> int:
+    """Probe j's value for the dynamic input size `name` (the i-th of `names`) on `axis`: PROBE_STEPS[j] + 8 i
+    on a first axis (a batch), 32 times that on others (image sizes that survive a network's strides)."""
+    size = PROBE_STEPS[j] + 8 * names.index(name)
+    return size if axis == 0 else 32 * size
 
 
 def _probe_shapes(proto: onnx.ModelProto, names: list[str], j: int) -> dict[str, list[int]] | None:
@@ -304,9 +309,9 @@ def _probe_shapes(proto: onnx.ModelProto, names: list[str], j: int) -> dict[str,
     for graph_input in probe.graph.input:
         for k, dim in enumerate(graph_input.type.tensor_type.shape.dim):
             if not dim.HasField("dim_value"):
-                size = PROBE_STEPS[j] + 8 * names.index(dim.dim_param or f"?{graph_input.name}:{k}")
+                size = _probe_size(names, dim.dim_param or f"?{graph_input.name}:{k}", j, k)
                 dim.Clear()
-                dim.dim_value = size if k == 0 else 32 * size
+                dim.dim_value = size
     try:
         module = Module.from_proto(probe)
         FoldConstants()._to_fixed_point(module)
