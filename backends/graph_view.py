@@ -114,13 +114,13 @@ def _shape_and_dtype(vi: onnx.ValueInfoProto) -> tuple[list | None, str | None]:
 def _inner_value_infos_at_batch_one(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The value_info onnx shape inference (with data propagation) gives when every graph input's symbolic first
     dim is 1; none without such a dim. The copy inferred carries the float weights' dims only, not their data."""
-    inputs = [i for i in model.graph.input if i.type.tensor_type.HasField("shape") and i.type.tensor_type.shape.dim
-              and not i.type.tensor_type.shape.dim[0].HasField("dim_value")]
-    if not inputs:
+    if not any(i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
+               for i in model.graph.input):
         return []
     copy = onnx.ModelProto()
     copy.ir_version = model.ir_version
     copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
     copy.graph.node.extend(model.graph.node)
     copy.graph.input.extend(model.graph.input)
     copy.graph.output.extend(model.graph.output)
