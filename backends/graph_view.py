@@ -88,8 +88,9 @@ class GraphView:
             break
         return name
 
-    def nbytes(self, name: str, batch: int = 1) -> int | None:
-        """Bytes of a tensor with a static shape (a symbolic first dim counts as `batch`), else None."""
+    def nbytes(self, name: str) -> int | None:
+        """Bytes of a tensor with a static shape at batch 1 (a symbolic first dim counts as 1; see value_infos for
+        the inner tensors), else None."""
         shape, dtype = self.value_infos.get(name, (None, None))
         if shape is None or dtype is None:
             return None
@@ -98,7 +99,7 @@ class GraphView:
             if isinstance(d, int) and d >= 0:
                 dims.append(d)
             elif i == 0:
-                dims.append(batch)
+                dims.append(1)
             else:
                 return None
         return int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize
