@@ -13,6 +13,8 @@ from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
 from passes.float_layers import STEM_CHANNELS
+from passes.channel_groups import analyze
+from passes.prune_batch_one import batch_one_copy, calibration_at_batch_one, check_any_batch, dynamic_batch, restore_batch
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_constant, bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
@@ -45,7 +47,9 @@ class Prune(Pass):
     0.5 this runs in steps (step_ratios: to 0.5, then steps of at most 0.2; or steps=N), each starting from the
     model the step before left; earlier zeros stay zero and count towards the ratio.
     channel: remove whole output channels as the dependency analysis allows (see prune_channel), then (refit=true)
-    refit every prunable layer in order on the pruned model's own inputs to the float output at its kept channels.
+    refit every prunable layer in order on the pruned model's own inputs to the float output at its kept channels;
+    a model with a dynamic batch that blocks channel groups its batch-1 form does not (torch's attention heads
+    folded into the batch) is pruned in that form and must then still run at other batches (see prune_batch_one).
     Guarantees: the achieved fraction of zero (sparse) or removed (channel) prunable weights equals `ratio`
     within rounding, or an UnsupportedModelError says which part cannot be pruned; per-layer facts go to
     the report.
@@ -100,19 +104,51 @@ class Prune(Pass):
             raise UnsupportedModelError("nothing to prune: no Conv/ConvTranspose/Gemm/MatMul with constant weights "
                                         "(the stem conv and the classifier are kept unless first_layer/classifier=true)")
         if mode == "channel":
-            round_to = self.round_to or getattr(target, "channel_round_to", 1)
-            dense = module.to_proto() if self.method == "obs" and self.refit else None
-            stem = [n for n in prunable_layers(module.graph, True, self.classifier) if n not in layers]
-            facts, kept = prune_channels(module, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs",
-                                         measured=self.allocation == "measured", joining=stem)
-            if dense is not None and ctx is not None and ctx.calib is not None:
-                nodes = {n.name: n for n in module.graph.nodes}  # the graph was rebuilt with the new shapes
-                refit_in_order(module, ctx, [nodes[n.name] for n in layers], dense, kept)
+            facts = self._channel(module, ctx, target)
         else:
             facts = self._sparse(module, ctx, layers, target)
         if ctx is not None:
             ctx.log(mode=mode, kept_dense=kept_dense, **facts)
         return True
+
+    def _channel(self, module, ctx, target) -> dict:
+        """Channel pruning (and refit), on the model's batch-1 form when its dynamic batch blocks channel groups
+        that batch 1 does not (torch's attention heads folded into the batch; see prune_batch_one)."""
+        work = module
+        if dynamic_batch(module.graph):
+            one = batch_one_copy(module)
+            if unpack_projections(one.graph):  # its sizes can now be static where the batch was not
+                one.reinfer_shapes()
+            if self._blocked_groups(one) < self._blocked_groups(module):
+                work = one
+        layers = prunable_layers(work.graph, self.first_layer, self.classifier)
+        stem = [n for n in prunable_layers(work.graph, True, self.classifier) if n not in layers]
+        round_to = self.round_to or getattr(target, "channel_round_to", 1)
+        calib = ctx.calib if ctx is not None else None
+        if work is not module and calib is not None:
+            ctx.calib = calibration_at_batch_one(calib)
+        try:
+            dense = work.to_proto() if self.method == "obs" and self.refit else None
+            facts, kept = prune_channels(work, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs",
+                                         measured=self.allocation == "measured", joining=stem)
+            if dense is not None and calib is not None:
+                nodes = {n.name: n for n in work.graph.nodes}  # the graph was rebuilt with the new shapes
+                refit_in_order(work, ctx, [nodes[n.name] for n in layers], dense, kept)
+        finally:
+            if ctx is not None:
+                ctx.calib = calib
+        if work is not module:
+            restore_batch(work, module)
+            if calib is not None:
+                check_any_batch(module, calib)
+            facts["analysed_at_batch_one"] = True
+        return facts
+
+    def _blocked_groups(self, module) -> int:
+        """How many channel groups the dependency analysis blocks in `module` (shapes inferred)."""
+        layers = prunable_layers(module.graph, self.first_layer, self.classifier)
+        stem = [n for n in prunable_layers(module.graph, True, self.classifier) if n not in layers]
+        return sum(1 for s in analyze(module.graph, layers, stem).base() if s.producers and s.blocked)
 
     def _sparse(self, module, ctx, layers, target) -> dict:
         pattern = self.pattern or (target.sparsity.get("pattern", "unstructured") if target is not None else "unstructured")

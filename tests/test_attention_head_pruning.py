@@ -10,6 +10,7 @@ time, YOLO11's attention on NCHW tensors, and the shipped trained ViT in both Py
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from compiler.runtime import run_model
@@ -307,3 +308,46 @@ def test_the_sample_built_from_torch_transformer_layers_prunes_heads_and_stream(
     writers = [l for name, l in layers.items() if "/linear2/" in name and l["op"] == "MatMul"]
     assert len(writers) == 4 and all(l["channels_after"] < 64 for l in writers), writers
     assert top1_drop(MODELS / "mnist_mha.onnx", out) <= 0.06
+
+
+def test_the_dynamic_batch_export_of_the_transformer_sample_prunes_like_its_batch_1_form(tmp_path, capsys):
+    """models/mnist_mha_dynamic.onnx (mnist_mha's weights exported with dynamic_axes: the attention folds the heads
+    into a batch it reads at run time) at --prune 0.7: refused before (at most 55%: the head axis had no size).
+    Now the channels are analysed and pruned on its batch-1 form, and the package keeps the dynamic batch: the
+    same kept channels and top-1 as the batch-1 export, and a batch of 5 gives the 5 single-sample outputs."""
+    fixed, _ = compile_sample(tmp_path / "fixed", "mnist_mha.onnx", 0.7)
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("pruning:", "layers:"))]
+    layers, out = compile_sample(tmp_path / "dynamic", "mnist_mha_dynamic.onnx", 0.7)
+    printed = capsys.readouterr().out
+    assert len(summary) == 2 and all(line in printed for line in summary), (summary, printed)
+    assert "70.0% of 163,840 prunable weights removed (channel)" in summary[1]
+
+    def kept(deployed):
+        return sorted((l["op"], l["params"], l.get("channels_after")) for l in deployed.values()
+                      if l["op"] in ("MatMul", "Gemm", "Conv"))
+    assert kept(layers) == kept(fixed)
+    proto = onnx.load(str(out / "model.onnx"))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # still dynamic
+    with np.load(MODELS / "mnist_test.npz") as t:
+        x = t["input"][:5]
+    together = run_model(proto, {"input": x})[0]
+    alone = np.concatenate([run_model(proto, {"input": x[i:i + 1]})[0] for i in range(5)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert top1_drop(MODELS / "mnist_mha_dynamic.onnx", out) <= 0.06
+
+
+def test_a_model_pruned_at_batch_1_that_loses_its_dynamic_batch_is_refused_in_one_line():
+    """check_any_batch runs the pruned model on two calibration samples together and one by one: a Reshape to
+    [1, -1] (the batch folded into the features) fails at batch 2, and the error names the batch-1 compile."""
+    from compiler.calib_data import load_calibration
+    from compiler.errors import UnsupportedModelError
+    from compiler.ir import Module
+    from compiler.api import input_specs
+    from passes.prune_batch_one import check_any_batch
+
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"])]
+    module = Module.from_proto(model(nodes, [("x", TensorProto.FLOAT, ["N", 4])], [("y", TensorProto.FLOAT, ["N", 3])],
+                                     [init("flat", np.array([1, -1], np.int64)), init("w", rand(4, 3))]))
+    with pytest.raises(UnsupportedModelError, match=r"does not keep its dynamic batch: it fails at batch 2.*"
+                                                    r"--input-shape x=1,4"):
+        check_any_batch(module, load_calibration(None, input_specs(module)))

@@ -529,17 +529,22 @@ def shape_read_model(merge_batch: bool) -> onnx.ModelProto:
 @pytest.mark.parametrize("merge_batch", [False, True])
 def test_sizes_read_at_run_time_on_a_dynamic_batch(tmp_path, merge_batch):
     """A Reshape to sizes read by Shape at run time, on a dynamic batch: fold-constants makes `x.view(x.shape)`
-    a constant target, so conv1's channels prune as they would at batch 1; a view that mixes the channels into
-    the batch blocks them, and the refusal names the --input-shape that compiles for batch 1, with which they go."""
+    a constant target, so conv1's channels prune as they would at batch 1. A view that mixes the channels into
+    the batch blocked them (the refusal named --input-shape x=1,3,8,8); now the channels are analysed on the
+    batch-1 form, where that view keeps them apart, and the package keeps its dynamic batch: a batch of 3
+    gives the 3 single-sample outputs, as the batch-1 compile's package does."""
     proto = shape_read_model(merge_batch)
     onnx.save(proto, tmp_path / "in.onnx")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32))
     pipeline = "fold-constants,prune{ratio=0.9,mode=channel,first_layer=true,round_to=1}"  # conv1 holds 77%
+    compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz", pipeline=pipeline)
+    pruned_model = onnx.load(str(tmp_path / "pkg" / "model.onnx"))
+    assert out_channels(pruned_model, "conv1") < 16
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(pruned_model, {"x": x})[0],
+                               np.concatenate([run_model(pruned_model, {"x": x[i:i + 1]})[0] for i in range(3)]),
+                               rtol=1e-5, atol=1e-5)
     if merge_batch:
-        with pytest.raises(DrpcError, match=r"dynamic batch: --input-shape x=1,3,8,8 \(batch 1\)"):
-            compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "dynamic", calib=tmp_path / "calib.npz",
-                          pipeline=pipeline)
-    shapes = {"input_shapes": {"x": [1, 3, 8, 8]}} if merge_batch else {}
-    compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz", pipeline=pipeline,
-                  **shapes)
-    assert out_channels(onnx.load(str(tmp_path / "pkg" / "model.onnx")), "conv1") < 16
+        compile_model(tmp_path / "in.onnx", "rzv2h", tmp_path / "b1", calib=tmp_path / "calib.npz",
+                      pipeline=pipeline, input_shapes={"x": [1, 3, 8, 8]})
+        assert out_channels(onnx.load(str(tmp_path / "b1" / "model.onnx")), "conv1") == out_channels(pruned_model, "conv1")
