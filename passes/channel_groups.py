@@ -210,6 +210,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
     channel_tensors: dict[str, gs.Tensor] = {}
     axis_of: dict[str, int] = {}                 # channel tensor -> its channel axis
     statistic: set[str] = set()                  # tensors computed from channel means or sums alone (no channel index)
+    broadcast: dict[str, gs.Node] = {}           # Expand of a constant to a run-time shape (torch's class token)
     from passes.attention_heads import head_regions  # builds on this module's axis rules
     regions = head_regions(graph)
     inside = {id(n) for r in regions for n in r.nodes + [s.node for s in r.splits]}
@@ -234,6 +235,9 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
             links.add_node(out.name)
             rewrites.append(node)
             continue
+        if node.op == "Expand" and not ins and isinstance(node.inputs[0], gs.Constant):
+            broadcast[node.outputs[0].name] = node  # its channels are the constant's: see the Concat below
+            continue
         x_axis = axis_of.get(ins[0].name) if ins else None
         if ins and node.inputs[0] is ins[0] and is_channel_mean(node, x_axis):  # its output is not indexed by channels
             normalizers.setdefault(ins[0].name, []).append(node)
@@ -252,7 +256,8 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                 links.add_node(t.name)
             ins = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in channel_tensors]
             x_axis = axis_of.get(ins[0].name) if ins else None
-        moved = _moved_axis(node, ins, axis_of) if node.op in LAYOUT else None
+        constants = {t.name: np.asarray(broadcast[t.name].inputs[0].values) for t in node.inputs if t.name in broadcast}
+        moved = _moved_axis(node, ins, axis_of, constants) if node.op in LAYOUT else None
         axis = _output_axis(node, ins, axis_of, rank, moved)
         outs = [t for t in node.outputs if channels_of(t, axis)]
         for t in outs:
@@ -341,6 +346,12 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                 rewrites.append(node)
             if op == "Concat" and channel_params(node, channels_of(outs[0], axis), axis):  # a class token
                 followers.setdefault(outs[0].name, []).append(node)
+            for name in constants:  # a class token expanded to the batch: its constant is sliced, its shape kept
+                t = broadcast[name].outputs[0]
+                channel_tensors[name], axis_of[name] = t, axis
+                links.add_edge(name, outs[0].name)
+                followers.setdefault(name, []).append(broadcast[name])
+                rewrites.append(broadcast[name])
             continue
         for t in ins:
             blocks.append((t.name, f"'{node.name}' ({op}) reads the channels of '{t.name}'"))
@@ -545,11 +556,12 @@ def _merged_positions(node: gs.Node, axis: int | None) -> int:
     return last // c
 
 
-def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) -> int | None:
+def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int],
+                constants: dict[str, np.ndarray] | None = None) -> int | None:
     """The channel axis of the output of a layout op that keeps every channel apart, or None: a Transpose; a
     Reshape/Flatten that only regroups the other axes; a Squeeze/Unsqueeze, Reduce, Slice or Gather (constant
     indices) over other axes; a Concat of tensors with the same channels (or constants holding one entry per channel, such
-    as a class token) along another axis."""
+    as a class token, given or expanded from `constants`: tensor name -> the constant) along another axis."""
     if not ins or (ins[0] is not node.inputs[0] and node.op != "Concat") or ins[0].shape is None:
         return None
     axis, rank = axis_of[ins[0].name], len(ins[0].shape)
@@ -608,7 +620,8 @@ def _moved_axis(node: gs.Node, ins: list[gs.Tensor], axis_of: dict[str, int]) ->
             return None
         for t in node.inputs:
             if isinstance(t, gs.Constant) or t.name not in axis_of:
-                if not isinstance(t, gs.Constant) or t.values.shape[axis] != c:
+                value = t.values if isinstance(t, gs.Constant) else (constants or {}).get(t.name)
+                if value is None or value.ndim != rank or value.shape[axis] != c:
                     return None
             elif axis_of[t.name] != axis or channels_of(t, axis) != c:
                 return None

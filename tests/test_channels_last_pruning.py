@@ -270,6 +270,36 @@ def test_layout_ops_that_keep_channels_apart_carry_the_token_stream_to_the_head(
     outputs_close(proto, out, feed(proto))
 
 
+def test_a_class_token_expanded_to_a_dynamic_batch_joins_the_stream_it_is_concatenated_with(tmp_path):
+    """torch's `cls.expand(B, -1, -1)` on a dynamic batch stays an Expand of the constant to a size read at run
+    time (Shape → Gather → Concat with ones, as fold-constants leaves it): its channels are the constant's, so the Concat with the embedding keeps the
+    stream one space (it blocked it before). Dead embedding channels go with the class token's entries, and the
+    pruned model answers as before at batch 1 and 3."""
+    c, dead = 24, list(range(0, 24, 4))
+    cls = rand(1, 1, c)
+    cls[..., dead] = 0.0
+    inits = [init("cls", cls), init("i0", np.array(0, np.int64)), init("ax0", np.array([0], np.int64)),
+             init("ones", np.ones(2, np.int64)), init("head_w", rand(c, 5)), init("head_b", rand(5))]
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"]), helper.make_node("Gather", ["x_shape", "i0"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+             helper.make_node("Concat", ["n1", "ones"], ["sizes"], axis=0),
+             helper.make_node("Expand", ["cls", "sizes"], ["cls_n"], name="expand_cls")]
+    nodes += linear("embed", "x", 16, c, "e", inits, dead)
+    nodes.append(helper.make_node("Concat", ["cls_n", "e"], ["t"], axis=1, name="join"))
+    nodes += linear("fc", "t", c, c, "f", inits, dead)
+    nodes += [helper.make_node("Relu", ["f"], ["fr"]), helper.make_node("Add", ["t", "fr"], ["s"]),
+              helper.make_node("ReduceMean", ["s"], ["pool"], axes=[1], keepdims=0),
+              helper.make_node("Gemm", ["pool", "head_w", "head_b"], ["y"], name="head")]
+    proto = model(nodes, [("x", TensorProto.FLOAT, ["N", 6, 16])], [("y", TensorProto.FLOAT, ["N", 5])], inits)
+    spaces, _ = spaces_of(proto)
+    assert not spaces["embed"].blocked and spaces["fc"] is spaces["embed"]
+    assert "expand_cls" in [n.name for n in spaces["embed"].followers]
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert weight_shape(out, "embed") == (16, 18) and weight_shape(out, "head") == (18, 5)
+    for batch in (1, 3):
+        outputs_close(proto, out, feed(proto, batch))
+
+
 @pytest.mark.parametrize("op", ["ReduceMax", "Slice", "Concat"])
 def test_layout_ops_across_the_channel_axis_block_it(op):
     """On features in the last axis, a max over them (a mean is a statistic normalizer_fit corrects), a Slice
