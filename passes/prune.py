@@ -9,12 +9,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
+from compiler.ir import batch_one_flags
 from compiler.passmanager import Option, Pass, register_pass
 from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
-from passes.float_layers import STEM_CHANNELS
 from passes.channel_groups import analyze
-from passes.prune_batch_one import batch_one_copy, calibration_at_batch_one, check_any_batch, dynamic_batch, restore_batch
+from passes.float_layers import STEM_CHANNELS
+from passes.prune_batch_one import batch_one_copy, calibration_at_batch_one, check_any_batch, restore_batch
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_constant, bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
@@ -115,7 +116,7 @@ class Prune(Pass):
         """Channel pruning (and refit), on the model's batch-1 form when its dynamic batch blocks channel groups
         that batch 1 does not (torch's attention heads folded into the batch; see prune_batch_one)."""
         work = module
-        if dynamic_batch(module.graph):
+        if batch_one_flags(module.graph):  # a dynamic batch
             one = batch_one_copy(module)
             if unpack_projections(one.graph):  # its sizes can now be static where the batch was not
                 one.reinfer_shapes()

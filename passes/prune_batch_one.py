@@ -13,16 +13,10 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.ir import Module, batch_one_flags
 from compiler.runtime import make_session
-
-
-def dynamic_batch(graph: gs.Graph) -> bool:
-    """Whether some graph input has a dynamic first dim."""
-    return any(t.shape and not (isinstance(t.shape[0], int) and t.shape[0] >= 0) for t in graph.inputs)
 
 
 def batch_one_copy(module: Module) -> Module:
