@@ -115,8 +115,8 @@ class Prune(Pass):
     def _channel(self, module, ctx, target) -> dict:
         """Channel pruning (and refit), on the model's batch-1 form when its dynamic batch blocks channel groups
         that batch 1 does not (torch's attention heads folded into the batch; see prune_batch_one)."""
-        work = module
-        if batch_one_flags(module.graph):  # a dynamic batch
+        work, calib = module, (ctx.calib if ctx is not None else None)
+        if batch_one_flags(module.graph) and not getattr(calib, "one_per_batch", False):  # (samples that are whole batches cannot feed it)
             one = batch_one_copy(module)
             if unpack_projections(one.graph):  # its sizes can now be static where the batch was not
                 one.reinfer_shapes()
@@ -125,7 +125,6 @@ class Prune(Pass):
         layers = prunable_layers(work.graph, self.first_layer, self.classifier)
         stem = [n for n in prunable_layers(work.graph, True, self.classifier) if n not in layers]
         round_to = self.round_to or getattr(target, "channel_round_to", 1)
-        calib = ctx.calib if ctx is not None else None
         if work is not module and calib is not None:
             ctx.calib = calibration_at_batch_one(calib)
         try:
