@@ -21,7 +21,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
-from compiler.ir import batch_one_flags
 from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input, set_shape_entry
 from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
 from passes.normalizer_fit import StatisticFit, fit_statistics
@@ -78,7 +77,7 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         raise UnsupportedModelError(f"channel pruning can remove at most {fits:.0%} of the prunable "
                                     f"weights here, not {ratio:.0%}: {len(blocked)} of {len(base)} channel groups "
                                     f"are blocked{aligned}{why}; --prune {fits:.2f} fits, or --prune-mode "
-                                    f"sparse prunes every layer{_batch_hint(graph) if blocked else ''}")
+                                    f"sparse prunes every layer")
     worth = None
     proto = module.to_proto() if stats else None  # the model before the cut, for measurements and statistics fits
     curves = _measured_curves(module, proto, ctx, analysis, usable, scores, stats, round_to) if measured and stats else None
@@ -116,13 +115,6 @@ def prune_channels(module, ctx, layers: list[gs.Node], ratio: float, round_to: i
         facts["attention_heads"] = [sum(analysis.spaces[i].channels for i in heads),
                                     sum(len(keep.get(i, range(analysis.spaces[i].channels))) for i in heads)]
     return facts, kept
-
-
-def _batch_hint(graph: gs.Graph) -> str:
-    """For a dynamic batch: the --input-shape that compiles for batch 1, where reshapes that fold the batch into
-    other axes (torch's attention heads) have static shapes the analysis can follow."""
-    flags = batch_one_flags(graph)
-    return f"; the input has a dynamic batch: {flags[0]} (batch 1) may unblock more" if flags else ""
 
 
 def _positions(node: gs.Node) -> int:
