@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from backends.qdq_info import initializer_values
+from compiler.ir import set_batch_one
 
 
 class GraphView:
@@ -115,26 +116,20 @@ def _shape_and_dtype(vi: onnx.ValueInfoProto) -> tuple[list | None, str | None]:
 def _inner_value_infos_at_batch_one(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The value_info onnx shape inference (with data propagation) gives when every graph input's symbolic first
     dim is 1; none without such a dim. The copy inferred carries the float weights' dims only, not their data."""
-    if not any(i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
-               for i in model.graph.input):
-        return []
     copy = onnx.ModelProto()
+    copy.graph.input.extend(model.graph.input)
+    if not set_batch_one(copy.graph):
+        return []
     copy.ir_version = model.ir_version
     copy.opset_import.extend(model.opset_import)
     copy.functions.extend(model.functions)
     copy.graph.node.extend(model.graph.node)
-    copy.graph.input.extend(model.graph.input)
     copy.graph.output.extend(model.graph.output)
     for init in model.graph.initializer:
         if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or np.prod(init.dims) <= 16:
             copy.graph.initializer.append(init)
         else:  # shape inference reads a weight's dims and type only
             copy.graph.initializer.append(onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims))
-    for graph_input in copy.graph.input:
-        dim = graph_input.type.tensor_type.shape.dim
-        if dim and not dim[0].HasField("dim_value"):
-            dim[0].Clear()
-            dim[0].dim_value = 1
     try:
         return list(onnx.shape_inference.infer_shapes(copy, data_prop=True).graph.value_info)
     except Exception:  # noqa: BLE001 - a model that does not infer at batch 1 keeps its own shapes

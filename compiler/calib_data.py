@@ -6,6 +6,7 @@ streamed: .npy files are memory-mapped, images are decoded one batch at a time.
 
 from __future__ import annotations
 
+import copy
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,12 @@ class CalibrationSet:
         self.specs, self.num_samples, self.source, self.synthetic = specs, num_samples, source, synthetic
         self._fetch, self._origin = fetch, origin
         self.one_per_batch = False  # each sample is a whole feed (data of rank model rank + 1)
+
+    def at_batch_one(self) -> "CalibrationSet":
+        """The same samples, fed one at a time: what a copy of the model with its batch fixed at 1 takes."""
+        view = copy.copy(self)
+        view.specs = [InputSpec(s.name, (1, *s.shape[1:]), s.dtype) if s.shape else s for s in self.specs]
+        return view
 
     def _batch_size(self, wanted: int) -> int:
         if self.one_per_batch:

@@ -168,6 +168,19 @@ def batch_one_flags(graph: gs.Graph) -> list[str]:
             for t in graph.inputs if t.shape and not (isinstance(t.shape[0], int) and t.shape[0] >= 0)]
 
 
+def set_batch_one(graph: onnx.GraphProto) -> bool:
+    """Set each graph input's dynamic first dim (the batch) to 1, in place; whether there was one. Inner tensors
+    and outputs keep what they declare (shape inference then refines them)."""
+    changed = False
+    for graph_input in graph.input:
+        dim = graph_input.type.tensor_type.shape.dim
+        if dim and not (dim[0].HasField("dim_value") and dim[0].dim_value >= 0):
+            dim[0].Clear()
+            dim[0].dim_value = 1
+            changed = True
+    return changed
+
+
 def infer_shapes_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference with data propagation; through a file for models past the protobuf limit."""
     try:

@@ -15,7 +15,7 @@ from compiler.rewrite import add_to_bias
 from compiler.sparsity import reduction_axis, skippable_zeros
 from passes.channel_groups import analyze
 from passes.float_layers import STEM_CHANNELS
-from passes.prune_batch_one import batch_one_copy, calibration_at_batch_one, check_any_batch, restore_batch
+from passes.prune_batch_one import batch_one_copy, check_any_batch, restore_batch
 from passes.prune_channel import prune_channels
 from passes.prune_common import bias_constant, bias_shift, layer_statistics, prunable_layers, shifted_inputs, weight_rows
 from passes.prune_refit import refit_in_order
@@ -126,7 +126,7 @@ class Prune(Pass):
         stem = [n for n in prunable_layers(work.graph, True, self.classifier) if n not in layers]
         round_to = self.round_to or getattr(target, "channel_round_to", 1)
         if work is not module and calib is not None:
-            ctx.calib = calibration_at_batch_one(calib)
+            ctx.calib = calib.at_batch_one()
         try:
             dense = work.to_proto() if self.method == "obs" and self.refit else None
             facts, kept = prune_channels(work, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs",

@@ -10,22 +10,20 @@ measures that it does on calibration samples rather than assuming it.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from compiler.errors import UnsupportedModelError
-from compiler.ir import Module, batch_one_flags
+from compiler.ir import Module, batch_one_flags, set_batch_one
 from compiler.runtime import make_session
 
 
 def batch_one_copy(module: Module) -> Module:
-    """A copy of `module` whose graph inputs' and outputs' dynamic first dims are 1, inner shapes inferred."""
-    out = module.copy()
-    for t in out.graph.inputs + out.graph.outputs:
-        if t.shape and not (isinstance(t.shape[0], int) and t.shape[0] >= 0):
-            t.shape = [1, *t.shape[1:]]
-    out.reinfer_shapes()
+    """A copy of `module` whose graph inputs' dynamic first dims are 1, inner shapes inferred."""
+    proto = module.to_proto()
+    del proto.graph.value_info[:]
+    set_batch_one(proto.graph)
+    out = Module.from_proto(proto, source=module.source)
+    out.infer_shapes()
     return out
 
 
@@ -38,13 +36,6 @@ def restore_batch(pruned: Module, original: Module) -> None:
             t.shape = [first[t.name], *t.shape[1:]]
     original.graph = pruned.graph
     original.reinfer_shapes()
-
-
-def calibration_at_batch_one(calib):
-    """A view of the calibration set that feeds one sample at a time (the batch-1 copy's fixed batch)."""
-    view = copy.copy(calib)
-    view.specs = [type(s)(s.name, (1, *s.shape[1:]) if s.shape else s.shape, s.dtype) for s in calib.specs]
-    return view
 
 
 def check_any_batch(module: Module, calib, samples: int = 2) -> None:
