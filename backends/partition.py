@@ -11,6 +11,7 @@ from backends.graph_view import GraphView
 
 DATA_MOVEMENT = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split", "Identity"}
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
+SHAPE_ONLY = {"Shape", "Size"}  # read a tensor's shape, never its values: no data crosses to them
 
 
 @dataclass
@@ -61,11 +62,13 @@ def partition(model: onnx.ModelProto, target) -> Partition:
     subgraphs = _group(order, engine, view)
     transfers = []
     sub_of = {n: s.id for s in subgraphs for n in s.nodes}
+    members = {s.id: set(s.nodes) for s in subgraphs}
     for s in subgraphs:
         for t in s.inputs:
             prod = view.producer.get(t)
             src = engine[prod.name] if prod is not None else "cpu"  # graph inputs arrive from the CPU side
-            if src != s.engine:
+            readers = [c for c in view.consumers.get(t, []) if c.name in members[s.id]]
+            if src != s.engine and not all(c.op_type in SHAPE_ONLY for c in readers):
                 transfers.append((t, src, s.engine))
     isolated = []
     ops = {n.name: n.op_type for n in view.nodes}
@@ -121,11 +124,12 @@ def _cpu_reason(node, view: GraphView, target) -> str | None:
 
 
 def _data_movement_to_cpu(view: GraphView, engine, reasons) -> None:
-    """Reshape/transpose chains that only feed CPU ops or graph outputs go to the CPU (detection heads)."""
+    """Reshape/transpose chains that only feed CPU ops or graph outputs go to the CPU (detection heads); a Shape
+    reading the chain does not count (it needs no data)."""
     for node in reversed(view.nodes):
         if node.op_type not in DATA_MOVEMENT or engine.get(node.name) != "drpai":
             continue
-        readers = [c for o in node.output for c in view.consumers.get(o, []) if c.op_type not in QDQ]
+        readers = [c for o in node.output for c in view.consumers.get(o, []) if c.op_type not in QDQ | SHAPE_ONLY]
         feeds_output = any(o in view.outputs or _reaches_output_through_qdq(view, o) for o in node.output)
         if (feeds_output and not readers) or (readers and all(engine.get(c.name) == "cpu" for c in readers)):
             engine[node.name] = "cpu"

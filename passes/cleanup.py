@@ -34,7 +34,11 @@ class EliminateIdentity(Pass):
     """Remove ops that pass their input through unchanged at inference.
 
     Identity, Dropout (inference, mask unused), Cast to the input's own type, Reshape/Flatten/Expand to the
-    input's own static shape, Transpose with the identity permutation, Pad with all-zero pads. Guarantees: outputs bit-identical; graph interface (names) unchanged.
+    input's own static shape, Transpose with the identity permutation, Pad with all-zero pads; on a dynamic
+    (batch) size too: an Expand to a constant shape whose every entry is 1 or the input's static size there
+    (it broadcasts nothing), a Reshape to a constant target of the input's rank that copies (0) or restates
+    every static size and leaves at most the one dynamic axis to -1. Guarantees: outputs bit-identical; graph
+    interface (names) unchanged.
     """
 
     name = "eliminate-identity"
@@ -67,8 +71,12 @@ def _is_identity(node: gs.Node) -> bool:
     if op == "Cast":
         return x.dtype is not None and y.dtype is not None and np.dtype(x.dtype) == np.dtype(y.dtype) \
             and not isinstance(x.dtype, int)
-    if op in ("Reshape", "Flatten", "Expand", "Squeeze", "Unsqueeze"):
-        return _static(x.shape) and _static(y.shape) and list(x.shape) == list(y.shape)
+    if op in ("Reshape", "Flatten", "Expand", "Squeeze", "Unsqueeze") and _static(x.shape) and _static(y.shape):
+        return list(x.shape) == list(y.shape)
+    if op == "Expand" and x.shape is not None:
+        return _broadcasts_nothing(x.shape, const_value(node.inputs[1]))
+    if op == "Reshape" and x.shape is not None and not node.attrs.get("allowzero", 0):
+        return _restates(x.shape, const_value(node.inputs[1]))
     if op == "Transpose":
         perm = node.attrs.get("perm")
         return perm is not None and list(perm) == sorted(perm)
@@ -77,6 +85,28 @@ def _is_identity(node: gs.Node) -> bool:
             const_value(node.inputs[1]) if len(node.inputs) > 1 else None)
         return pads is not None and not np.any(np.asarray(pads))
     return False
+
+
+def _broadcasts_nothing(shape, target) -> bool:
+    """Whether Expand(x of `shape`, `target`) is x: no new axes, and each entry 1 or x's static size."""
+    if target is None or target.ndim != 1 or target.size > len(shape):
+        return False
+    aligned = shape[len(shape) - target.size:]
+    return all(t == 1 or (isinstance(d, int) and d == t) for d, t in zip(aligned, target.tolist()))
+
+
+def _restates(shape, target) -> bool:
+    """Whether Reshape(x of `shape`, `target`) is x: same rank, every entry a copy (0) or x's static size, but
+    for at most one -1 (it then stands for the one size left, x's own)."""
+    if target is None or target.ndim != 1 or target.size != len(shape):
+        return False
+    open_axes = 0
+    for d, t in zip(shape, target.tolist()):
+        if t == -1:
+            open_axes += 1
+        elif t != 0 and not (isinstance(d, int) and d == t):
+            return False
+    return open_axes <= 1
 
 
 def _static(shape) -> bool:

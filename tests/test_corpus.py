@@ -104,13 +104,13 @@ def test_magika_channel_pruned_keeps_most_of_its_answers(corpus, tmp_path):
 
 def test_magika_dynamic_batch_reshapes_get_constant_targets(corpus, tmp_path, capsys):
     """magika as published (a dynamic batch; jax2tf computes its Reshape targets and Expand shapes from it at run
-    time): every Reshape target in the package is a constant, and the shape arithmetic left reads the graph
-    input only, for the Expands to the batch (43 layers on the CPU before fold-constants probed them, 34 now)."""
+    time): every Reshape target in the package is a constant, and no shape arithmetic is left: the Expands, once
+    their shapes are probed, broadcast nothing and go. It places like its batch-1 form (43 layers on the CPU
+    before fold-constants probed the sizes, 34 while the Expands stayed, 22 now)."""
     report, out = compile_and_simulate(corpus, tmp_path, capsys, "magika_standard_v3_3")
     model = onnx.load(str(out / "model.onnx"))
     constants = {i.name for i in model.graph.initializer}
     assert all(n.input[1] in constants for n in model.graph.node if n.op_type == "Reshape")
-    graph_inputs = {i.name for i in model.graph.input}
-    assert all(n.input[0] in graph_inputs for n in model.graph.node if n.op_type == "Shape")
+    assert not [n.name for n in model.graph.node if n.op_type in ("Shape", "Expand")]
     deploy = json.loads((out / "deploy.json").read_text())
-    assert deploy["totals"]["layers_on_cpu"] <= 34
+    assert deploy["totals"]["layers_on_cpu"] <= 22

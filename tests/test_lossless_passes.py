@@ -218,6 +218,31 @@ def test_eliminate_identity_keeps_output_names():
     outputs_close(original, cleaned, {"x": rand(3, 4)}, rtol=0)
 
 
+def test_eliminate_identity_removes_broadcasts_and_reshapes_that_keep_a_dynamic_batch():
+    """jax2tf's written-out LayerNorm on a dynamic batch: the mean is reshaped to [-1, 1] (the batch left to -1)
+    and expanded to [1, 1], which broadcasts nothing; a Reshape to [0, 8] copies the batch and restates the rest.
+    Those two go; an Expand that does broadcast and Reshapes that change the rank stay. The outputs are the same at batches 1 to 3."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], name="mean", axes=[1], keepdims=0),
+             helper.make_node("Reshape", ["mean", "col"], ["m"], name="as_column"),
+             helper.make_node("Expand", ["m", "one_one"], ["me"], name="broadcast_nothing"),
+             helper.make_node("Sub", ["x", "me"], ["c"], name="center"),
+             helper.make_node("Reshape", ["c", "copy_batch"], ["c2"], name="restate"),
+             helper.make_node("Expand", ["m", "one_eight"], ["wide"], name="broadcast_columns"),
+             helper.make_node("Reshape", ["c2", "pairs"], ["p"], name="regroup"),
+             helper.make_node("Reshape", ["p", "batch_of_two"], ["q"], name="fixed_batch"),
+             helper.make_node("Add", ["wide", "q"], ["y"], name="add")]
+    inits = [init("col", np.array([-1, 1], np.int64)), init("one_one", np.array([1, 1], np.int64)),
+             init("copy_batch", np.array([0, 8], np.int64)), init("one_eight", np.array([1, 8], np.int64)),
+             init("pairs", np.array([-1, 4, 2], np.int64)), init("batch_of_two", np.array([-1, 8], np.int64))]
+    original = model(nodes, [("x", TensorProto.FLOAT, ["N", 8])], [("y", TensorProto.FLOAT, None)], inits)
+    changed, cleaned = run_pass(original, "eliminate-identity")
+    names = [n.name for n in cleaned.graph.node]
+    assert changed and not {"broadcast_nothing", "restate"} & set(names)
+    assert {"as_column", "broadcast_columns", "regroup", "fixed_batch"} <= set(names)
+    for batch in (1, 2, 3):
+        outputs_close(original, cleaned, {"x": rand(batch, 8)}, rtol=0)
+
+
 def test_eliminate_identity_keeps_reversing_slice():
     nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"], name="rev")]
     inits = [init("starts", np.array([-1], np.int64)), init("ends", np.array([-10], np.int64)),

@@ -244,3 +244,33 @@ def test_shape_arithmetic_left_on_a_dynamic_batch_is_named_with_the_fix(tmp_path
     assert fixed.descriptor["totals"]["layers_on_cpu"] < dynamic.descriptor["totals"]["layers_on_cpu"]
     assert fixed.descriptor["totals"]["macs"] == dynamic.descriptor["totals"]["macs"]
     assert simulate(tmp_path / "dynamic").ok
+
+
+def test_a_reshape_chain_read_by_a_shape_stays_on_the_accelerator(tmp_path):
+    """MobileViT on a dynamic batch: a token Reshape → Transpose → Reshape chain is read by the next conv's
+    quantizer and by a Shape that sizes a Resize ([N, C] from it, the spatial size constant). The Shape reads
+    no data, so the chain stays on DRP-AI (it went to the CPU when the Shape counted as its only reader) and no
+    transfer of the tensor to the CPU is counted for it; the package answers like the model."""
+    inits = [init("w1", rand(4, 4, 1, 1)), init("w2", rand(4, 4, 3, 3)), init("tokens", np.array([-1, 4, 36], np.int64)),
+             init("image", np.array([-1, 4, 6, 6], np.int64)), init("s0", np.array([0], np.int64)),
+             init("s2", np.array([2], np.int64)), init("hw", np.array([12, 12], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+             helper.make_node("Reshape", ["c", "tokens"], ["t"], name="to_tokens"),
+             helper.make_node("Transpose", ["t"], ["tt"], perm=[0, 2, 1], name="mix"),
+             helper.make_node("Transpose", ["tt"], ["tb"], perm=[0, 2, 1], name="unmix"),
+             helper.make_node("Reshape", ["tb", "image"], ["back"], name="to_image"),
+             helper.make_node("Shape", ["back"], ["shape"], name="read_shape"),
+             helper.make_node("Slice", ["shape", "s0", "s2"], ["nc"], name="batch_and_channels"),
+             helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0, name="sizes"),
+             helper.make_node("Resize", ["back", "", "", "sizes"], ["up"], mode="nearest", name="upsample"),
+             helper.make_node("Conv", ["up", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    graph = helper.make_graph(nodes, "mobilevit_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 12, 12])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    result = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "pkg")
+    engines = {layer["name"]: layer["engine"] for layer in result.descriptor["layers"]}
+    assert engines["read_shape"] == "cpu"
+    assert engines["to_tokens"] == engines["mix"] == engines["unmix"] == engines["to_image"] == "drpai", engines
+    reshaped = {layer["name"]: layer["outputs"][0] for layer in result.descriptor["layers"]}["to_image"]
+    assert not [t for t in result.descriptor["transfers"] if t["tensor"].startswith(reshaped) and t["to"] == "cpu"]
+    assert simulate(tmp_path / "pkg").ok
