@@ -67,17 +67,31 @@ def count_macs(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def count_params(model: onnx.ModelProto) -> dict[str, int]:
-    """Stored weight elements read by each non-QDQ node (through DequantizeLinear for quantized weights)."""
+    """Stored weight elements read by each non-QDQ node: floating-point constants and the integers behind a
+    DequantizeLinear (quantized weights and biases); integer constants read as they are (Reshape targets,
+    Slice bounds, Pad sizes) are shape data, not parameters."""
     view = GraphView(model)
     params = {}
     for node in view.nodes:
         if node.op_type in QDQ:
             continue
         total = sum(view.consts[view.const_source(i)].size for i in node.input[1:]
-                    if i and view.is_const(i) and view.consts[view.const_source(i)].ndim >= 1)
+                    if i and view.is_const(i) and _is_parameter(view, i))
         if total:
             params[node.name] = int(total)
     return params
+
+
+def _is_parameter(view: GraphView, name: str) -> bool:
+    """Whether the constant input `name` holds weights (see count_params)."""
+    source = view.const_source(name)
+    return view.consts[source].ndim >= 1 and holds_weights(view.consts[source], dequantized=source != name)
+
+
+def holds_weights(value: np.ndarray, dequantized: bool) -> bool:
+    """Whether a constant a node reads holds weights rather than shape data: floating point, or integers read
+    through a DequantizeLinear."""
+    return dequantized or np.issubdtype(value.dtype, np.floating)
 
 
 def estimate(model: onnx.ModelProto, target, partition, sparsity: dict[str, float] | None = None) -> CostReport:

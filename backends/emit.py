@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from backends.cost_model import count_macs, count_params, estimate
+from backends.cost_model import count_macs, count_params, estimate, holds_weights
 from backends.deploy_schema import SCHEMA_FILE, SCHEMA_PATH, SCHEMA_VERSION, validate_descriptor
 from backends.memory_plan import plan_memory
 from backends.package import staged_directory, write_arrays, write_json
@@ -186,7 +186,7 @@ def weight_zeros(model: onnx.ModelProto, group_size: int = 1) -> dict[str, tuple
             continue
         name = dq_source.get(node.input[1], node.input[1])
         w = consts.get(name)
-        if w is not None and w.ndim >= 2:
+        if w is not None and w.ndim >= 2 and holds_weights(w, dequantized=name != node.input[1]):
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = reduction_axis(node.op_type, w.ndim, trans_b)
             zeros = skippable_zeros(w, axis, group_size) if axis is not None else int(np.count_nonzero(w == 0))

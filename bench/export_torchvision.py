@@ -9,6 +9,7 @@ default since torch 2.9: opset 18 and up, weights in a separate .onnx.data file)
     python bench/export_torchvision.py /tmp/zoo                      # the default set
     python bench/export_torchvision.py /tmp/zoo resnet18 vit_b_32@224
     python bench/export_torchvision.py /tmp/zoo_dynamo --dynamo
+    python bench/export_torchvision.py /tmp/zoo_dyn --dynamic-batch   # dynamic_axes on the batch, as most exports
     python bench/export_torchvision.py /tmp/timm --timm                 # timm's edge architectures (pip install timm)
     python bench/export_torchvision.py /tmp/timm timm:mobilevit_xs
 """
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("models", nargs="*", default=list(DEFAULT), help="torchvision names (timm:NAME for timm's), optionally @input size")
     ap.add_argument("--dynamo", action="store_true", help="export through torch.export (needs onnxscript)")
     ap.add_argument("--timm", action="store_true", help="timm's edge architectures instead of the default set")
+    ap.add_argument("--dynamic-batch", action="store_true", help="export the batch axis as dynamic (dynamic_axes)")
     args = ap.parse_args()
     if args.timm and args.models == list(DEFAULT):
         args.models = list(TIMM)
@@ -77,8 +79,9 @@ def main() -> None:
         if args.dynamo:
             torch.onnx.export(net, (x,), str(path), input_names=["input"], output_names=["output"], dynamo=True)
         else:
+            dynamic = {"input": {0: "batch"}, "output": {0: "batch"}} if args.dynamic_batch else None
             torch.onnx.export(net, x, str(path), input_names=["input"], output_names=["output"], opset_version=17,
-                              dynamo=False)
+                              dynamo=False, dynamic_axes=dynamic)
         print(f"{path} ({sum(p.numel() for p in net.parameters()):,} parameters)", flush=True)
 
 

@@ -104,6 +104,29 @@ def test_deploy_json_counts_params_and_macs_before_and_after_pruning(compiled):
     assert t["nonzero_macs"] < 0.5 * t["macs_before"] and t["params_before"] == t["params"]
 
 
+def test_shape_data_is_not_counted_as_parameters(tmp_path):
+    """A Reshape's int64 target and a Slice's bounds are shape data: deploy.json counts only the weights and
+    biases (here the conv's and the Gemm's), before and after quantization alike."""
+    from onnx import TensorProto, helper
+
+    from graphs import init, model, rand
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["s"], name="crop"),
+             helper.make_node("Reshape", ["s", "flat"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="head", transB=1)]
+    inits = [init("w", rand(8, 3, 3, 3)), init("b", rand(8)), init("starts", np.array([1, 1], np.int64)),
+             init("ends", np.array([5, 5], np.int64)), init("axes", np.array([2, 3], np.int64)),
+             init("flat", np.array([1, -1], np.int64)), init("wg", rand(10, 128)), init("bg", rand(10))]
+    onnx.save(model(nodes, [("x", TensorProto.FLOAT, [1, 3, 6, 6])], [("y", TensorProto.FLOAT, [1, 10])], inits),
+              tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "--target", "rzv2h", "-o", str(tmp_path / "pkg")]) == 0
+    deploy = json.loads((tmp_path / "pkg" / "deploy.json").read_text())
+    layers = {l["name"]: l for l in deploy["layers"]}
+    assert layers["crop"]["params"] == layers["flatten"]["params"] == 0
+    weights = 8 * 3 * 3 * 3 + 8 + 10 * 128 + 10
+    assert deploy["totals"]["params"] == deploy["totals"]["params_before"] == weights
+
+
 def test_report_and_timing_show_where_the_pruning_time_went(compiled, tmp_path, capsys):
     out, _ = compiled
     prune = next(p for p in json.loads((out / "report.json").read_text())["passes"] if p["name"] == "prune")
