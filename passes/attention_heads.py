@@ -65,6 +65,13 @@ class HeadRegion:
         return self.splits[0].node.inputs[0].name
 
 
+def _attends(region: HeadRegion) -> bool:
+    """Whether the region multiplies two activations per head (attention's scores or their use), as opposed to
+    a channel shuffle's split, Transpose and merge, which has the same shape of region but no heads."""
+    return any(n.op in ("MatMul", "Einsum") and not any(isinstance(i, gs.Constant) for i in n.inputs)
+               for n in region.nodes)
+
+
 def head_regions(graph: gs.Graph) -> list[HeadRegion]:
     """Every head-separable attention region of `graph`, found from its merge Reshapes."""
     outputs = {t.name for t in graph.outputs}
@@ -74,7 +81,7 @@ def head_regions(graph: gs.Graph) -> list[HeadRegion]:
             continue
         merge = _merge(node)
         region = None if merge is None else _grow(node.inputs[0], merge[0], outputs)
-        if region is not None:
+        if region is not None and _attends(region):
             regions.append(region)
             merged |= {id(m.node) for m in region.merges}
     return regions

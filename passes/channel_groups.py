@@ -433,6 +433,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
                 spaces[piece.space].blocked = reason
         if name in space_of and not spaces[space_of[name]].blocked:
             spaces[space_of[name]].blocked = reason
+    _block_what_blocked_views_hold(spaces)
     for r in regions:  # per-head constants inside a region (a relative position bias) follow the heads
         if r.source in space_of:
             s = spaces[space_of[r.source]]
@@ -442,7 +443,7 @@ def analyze(graph: gs.Graph, prunable: list[gs.Node], joining: list[gs.Node] = (
     for s in spaces:
         if s.view is None and not s.producers and not s.blocked:
             s.blocked = "no prunable layer produces these channels"
-    usable = [(n, t) for n, t in consumers if t in view and all(p.space >= 0 for p in view[t])]
+    usable = [(n, t) for n, t in consumers if view.get(t) and all(p.space >= 0 for p in view[t])]
     return ChannelAnalysis(spaces, view, usable, rewrites, axis_of, heads)
 
 
@@ -706,6 +707,19 @@ def _copied_prefix(node: gs.Node) -> int | None:
     return end if end > 0 else None
 
 
+def _block_what_blocked_views_hold(spaces: list[Space]) -> None:
+    """A blocked derived space keeps every channel it is made of: the base spaces in its view are blocked for
+    the same reason (a channel shuffle's Slice blocks the branches the shuffled tensor interleaves)."""
+    todo = [s for s in spaces if s.blocked and s.view]
+    while todo:
+        s = todo.pop()
+        for p in s.view:
+            if p.space >= 0 and not spaces[p.space].blocked:
+                spaces[p.space].blocked = s.blocked
+                if spaces[p.space].view:
+                    todo.append(spaces[p.space])
+
+
 def _derived_view(node, t, view, axis_of) -> list[Piece] | None:
     src = view.get(node.inputs[0].name)
     if node.op == "Concat":
@@ -734,7 +748,7 @@ def _derived_view(node, t, view, axis_of) -> list[Piece] | None:
         rank = len(node.inputs[0].shape)
         axes = [int(a) % rank for a in (vals[2] if len(vals) > 2 else range(len(vals[0])))]
         i = axes.index(1)
-        c = sum(p.length for p in src)
+        c = sum(p.length * p.block for p in src)
         start, end = int(vals[0][i]), int(vals[1][i])
         start, end = (start + c if start < 0 else start), (end + c if end < 0 else end)
         return _sub_view(src, max(0, min(start, c)), max(0, min(end, c)))
@@ -755,15 +769,16 @@ def _split_sizes(node) -> list[int] | None:
 
 
 def _sub_view(src: list[Piece], start: int, end: int) -> list[Piece] | None:
-    """Channels [start, end) of a view (blocks must be 1)."""
+    """Positions [start, end) of a view, where a piece spans length x block positions (the pieces cut must have
+    blocks of 1: part of a channel's block is not a channel)."""
     out, pos = [], 0
     for p in src:
-        lo, hi = max(start, pos), min(end, pos + p.length)
+        lo, hi = max(start, pos), min(end, pos + p.length * p.block)
         if lo < hi:
             if p.block != 1:
                 return None
             out.append(Piece(p.space, p.start + lo - pos, hi - lo))
-        pos += p.length
+        pos += p.length * p.block
     return out
 
 

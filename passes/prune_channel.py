@@ -384,7 +384,7 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
             node.attrs["split"] = [int(v) for v in sizes]
     elif node.op == "Slice":
         src = analysis.view[node.inputs[0].name]
-        c = sum(p.length for p in src)
+        c = sum(p.length * p.block for p in src)
         kept = kept_positions(src, keep)
         starts, ends = (np.array(const_value(t)) for t in node.inputs[1:3])  # int32 or int64, kept as given
         rank = len(node.inputs[0].shape)

@@ -197,6 +197,70 @@ def test_c2f_split_with_a_residual_half_keeps_its_sizes_whole(tmp_path):
     outputs_close(proto, out, feed(proto))
 
 
+def shuffle_model(dead_b=(), dead_c=()):
+    """Two ShuffleNet v2 units: branches a and b (1x1 → depthwise → 1x1) concatenated and channel-shuffled
+    (Reshape to 2 x 4, Transpose, Reshape back: the branches' channels interleaved), then split by two Slices
+    into a pass-through half and branch c, concatenated and shuffled again; GAP → Gemm."""
+    inits = []
+    weights("w0", 8, 3, 3, (), inits)
+    weights("wa", 4, 8, 1, (), inits)
+    weights("wb1", 4, 8, 1, dead_b, inits)
+    weights("wb2", 4, 1, 3, dead_b, inits)
+    weights("wb3", 4, 4, 1, (), inits)
+    weights("wc1", 4, 4, 1, dead_c, inits)
+    weights("wc2", 4, 1, 3, dead_c, inits)
+    weights("wc3", 4, 4, 1, (), inits)
+    inits += [init("split5", np.array([1, 2, 4, 8, 8], np.int64)), init("back4", np.array([1, 8, 8, 8], np.int64)),
+              init("lo", np.array([0], np.int64)), init("mid", np.array([4], np.int64)),
+              init("hi", np.array([8], np.int64)), init("ax1", np.array([1], np.int64)),
+              init("wf", rand(8, 5)), init("bf", rand(5))]
+
+    def shuffle(x, y):
+        return [helper.make_node("Reshape", [x, "split5"], [y + "_5d"]),
+                helper.make_node("Transpose", [y + "_5d"], [y + "_t"], perm=[0, 2, 1, 3, 4]),
+                helper.make_node("Reshape", [y + "_t", "back4"], [y])]
+
+    def branch(x, p, y):
+        return [conv(p + "1", x, "w" + p + "1", p + "1o"), helper.make_node("Relu", [p + "1o"], [p + "1r"]),
+                conv(p + "2", p + "1r", "w" + p + "2", p + "2o", group=4, pads=[1, 1, 1, 1]),
+                conv(p + "3", p + "2o", "w" + p + "3", p + "3o"), helper.make_node("Relu", [p + "3o"], [y])]
+
+    nodes = ([conv("conv0", "x", "w0", "c0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+              conv("a", "r0", "wa", "ao"), helper.make_node("Relu", ["ao"], ["ar"])]
+             + branch("r0", "b", "br") + [helper.make_node("Concat", ["ar", "br"], ["u1"], axis=1)] + shuffle("u1", "s1")
+             + [helper.make_node("Slice", ["s1", "lo", "mid", "ax1"], ["keep"], name="first_half"),
+                helper.make_node("Slice", ["s1", "mid", "hi", "ax1"], ["work"], name="second_half")]
+             + branch("work", "c", "cr") + [helper.make_node("Concat", ["keep", "cr"], ["u2"], axis=1)]
+             + shuffle("u2", "s2")
+             + [helper.make_node("GlobalAveragePool", ["s2"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+                helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="head")])
+    return model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, [1, 5])], inits)
+
+
+def test_a_channel_shuffle_keeps_the_channels_it_interleaves(tmp_path):
+    """ShuffleNet v2: the shuffle interleaves branch a's and b's channels and Slices cut the result in halves.
+    The analysis does not follow a cut through interleaved channels, so the branches' outputs keep every
+    channel (before, the second half's view came out empty and its reader was padded and pruned as if it read
+    every space); what lies inside a branch (1x1 → depthwise) still loses its dead channel. align-channels
+    pads those depthwise blocks and leaves the outputs unchanged, and the shuffle is not taken for attention
+    heads."""
+    proto = shuffle_model(dead_b=(1,), dead_c=(2,))
+    out = pruned(tmp_path, proto, dead_ratio(proto))
+    assert [out_channels(out, n) for n in ("b1", "c1")] == [3, 3]
+    assert [out_channels(out, n) for n in ("a", "b3", "c3")] == [4, 4, 4]
+    outputs_close(proto, out, feed(proto))
+    from compiler.ir import Module
+    from passes.attention_heads import head_regions
+    module = Module.from_proto(proto)
+    module.infer_shapes()
+    assert head_regions(module.graph) == []
+    onnx.save(proto, tmp_path / "shuffle.onnx")
+    compile_model(tmp_path / "shuffle.onnx", "rzv2h", tmp_path / "aligned", pipeline="align-channels", force=True)
+    aligned = onnx.load(str(tmp_path / "aligned" / "model.onnx"))
+    assert out_channels(aligned, "c1") == 16
+    outputs_close(proto, aligned, feed(proto))
+
+
 def test_depthwise_block_and_se_gate_are_pruned_with_their_producer(tmp_path):
     """conv1 → relu → depthwise → relu → x·HardSigmoid(conv_e(relu(conv_r(GAP)))) → project conv."""
     dead = (1, 4)
