@@ -21,8 +21,8 @@ class FoldConstants(Pass):
     """Replace Constant nodes, Shape of static tensors, the static entries a Gather or Slice takes from the Shape
     of a tensor with a dynamic batch, Reshape targets computed at run time from sizes Reshape can copy (0) or
     infer (-1) itself (see `_infer_reshape_entry`), and all-constant subcomputations by initializers. What
-    those rules leave of Reshape targets and Expand shapes is decided once by probing the dynamic sizes (see
-    `_probed_shape_inputs`).
+    those rules leave of Reshape targets, Expand shapes and Resize sizes is decided once by probing the dynamic
+    sizes (see `_probed_shape_inputs`).
 
     Guarantees: outputs unchanged (values are computed by onnxruntime with optimizations off); Q/DQ and
     random nodes are never folded; a folded tensor larger than both `max_bytes` and the constants it was
@@ -222,10 +222,14 @@ def _probed_shape_inputs(module) -> int:
     - Expand: a size the same in all probes is written as it is, one equal to the input's (aligned) size is
       kept (1), any other must equal a graph input's dynamic size, read there by Shape → Gather; else the
       shape stays. That replaces torch's `expand(B, -1, -1)` (a Where over the sizes, which shape inference
-      cannot see through) for a ViT's class token, so the tensors after it have known feature sizes."""
+      cannot see through) for a ViT's class token, so the tensors after it have known feature sizes.
+    - Resize with computed sizes: constant scales where every axis keeps its size or has fixed sizes (see
+      `_resize_scales`): a segmentation head's `interpolate(size=x.shape[-2:])` on a dynamic batch."""
     graph = module.graph
     pending = [n for n in graph.nodes if n.op in ("Reshape", "Expand") and not n.attrs.get("allowzero", 0)
                and const_value(n.inputs[1]) is None and not is_graph_output(graph, n.outputs[0])]
+    pending += [n for n in graph.nodes if n.op == "Resize" and graph.opset >= 13 and len(n.inputs) > 3
+                and n.inputs[3].name and const_value(n.inputs[3]) is None and not n.attrs.get("axes")]
     if not pending:
         return 0
     proto = module.to_proto()
@@ -244,6 +248,9 @@ def _probed_shape_inputs(module) -> int:
         ins = [list(data.shape) if isinstance(data, gs.Constant) else p.get(data.name) for p in probes]
         outs = [p.get(node.outputs[0].name) for p in probes]
         if any(s is None for s in ins + outs) or len({len(s) for s in outs}) != 1:
+            continue
+        if node.op == "Resize":
+            count += _resize_scales(graph, node, ins, outs)
             continue
         entries = []
         for k in range(len(outs[0])):
@@ -264,6 +271,31 @@ def _probed_shape_inputs(module) -> int:
         node.inputs[1] = _shape_tensor(graph, node.name, entries, inputs)
         count += 1
     return count
+
+
+def _resize_scales(graph: gs.Graph, node: gs.Node, ins: list, outs: list) -> int:
+    """Give a Resize whose output sizes are computed at run time constant scales instead, when the probes show
+    each axis either keeps the input's size (scale 1: the batch and channels torch reads with
+    `x.shape[:2]`) or has the same input and output size in every probe, with onnxruntime's float32 scale
+    giving that output size back. onnxruntime derives the scale from sizes the same way, so the result is the
+    same. 1 when rewritten."""
+    scales = []
+    for k in range(len(outs[0])):
+        pairs = {(i[k], o[k]) for i, o in zip(ins, outs)}
+        if all(i == o for i, o in pairs):
+            scales.append(np.float32(1.0))
+        elif len(pairs) == 1:
+            size_in, size_out = next(iter(pairs))
+            scale = np.float32(size_out) / np.float32(size_in)
+            if int(np.float32(size_in) * scale) != size_out:
+                return 0
+            scales.append(scale)
+        else:
+            return 0
+    scales_tensor = gs.Constant(fresh_name(graph, node.name + "_scales"), np.array(scales, dtype=np.float32))
+    roi = node.inputs[1] if len(node.inputs) > 1 else gs.Variable.empty()
+    node.inputs = [node.inputs[0], roi, scales_tensor]
+    return 1
 
 
 def _shape_tensor(graph: gs.Graph, name: str, entries: list, inputs: dict[str, gs.Tensor]) -> gs.Tensor:

@@ -247,25 +247,23 @@ def test_shape_arithmetic_left_on_a_dynamic_batch_is_named_with_the_fix(tmp_path
 
 
 def test_a_reshape_chain_read_by_a_shape_stays_on_the_accelerator(tmp_path):
-    """MobileViT on a dynamic batch: a token Reshape → Transpose → Reshape chain is read by the next conv's
-    quantizer and by a Shape that sizes a Resize ([N, C] from it, the spatial size constant). The Shape reads
-    no data, so the chain stays on DRP-AI (it went to the CPU when the Shape counted as its only reader) and no
-    transfer of the tensor to the CPU is counted for it; the package answers like the model."""
+    """A token Reshape → Transpose → Reshape chain on a dynamic batch is read by the next conv's quantizer and by
+    a Shape whose result the model returns (MobileViT's unfold read it this way to size a Resize, before
+    fold-constants learnt to give that Resize constant scales). The Shape reads no data, so the chain stays on
+    DRP-AI (it went to the CPU when the Shape counted as its only reader) and no transfer of the tensor to the
+    CPU is counted for it; the package answers like the model."""
     inits = [init("w1", rand(4, 4, 1, 1)), init("w2", rand(4, 4, 3, 3)), init("tokens", np.array([-1, 4, 36], np.int64)),
-             init("image", np.array([-1, 4, 6, 6], np.int64)), init("s0", np.array([0], np.int64)),
-             init("s2", np.array([2], np.int64)), init("hw", np.array([12, 12], np.int64))]
+             init("image", np.array([-1, 4, 6, 6], np.int64))]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
              helper.make_node("Reshape", ["c", "tokens"], ["t"], name="to_tokens"),
              helper.make_node("Transpose", ["t"], ["tt"], perm=[0, 2, 1], name="mix"),
              helper.make_node("Transpose", ["tt"], ["tb"], perm=[0, 2, 1], name="unmix"),
              helper.make_node("Reshape", ["tb", "image"], ["back"], name="to_image"),
-             helper.make_node("Shape", ["back"], ["shape"], name="read_shape"),
-             helper.make_node("Slice", ["shape", "s0", "s2"], ["nc"], name="batch_and_channels"),
-             helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0, name="sizes"),
-             helper.make_node("Resize", ["back", "", "", "sizes"], ["up"], mode="nearest", name="upsample"),
-             helper.make_node("Conv", ["up", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+             helper.make_node("Shape", ["back"], ["size"], name="read_shape"),
+             helper.make_node("Conv", ["back", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
     graph = helper.make_graph(nodes, "mobilevit_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 12, 12])], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6]),
+                               helper.make_tensor_value_info("size", TensorProto.INT64, [4])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
     result = compile_model(tmp_path / "m.onnx", "rzv2h", tmp_path / "pkg")
     engines = {layer["name"]: layer["engine"] for layer in result.descriptor["layers"]}
@@ -274,3 +272,47 @@ def test_a_reshape_chain_read_by_a_shape_stays_on_the_accelerator(tmp_path):
     reshaped = {layer["name"]: layer["outputs"][0] for layer in result.descriptor["layers"]}["to_image"]
     assert not [t for t in result.descriptor["transfers"] if t["tensor"].startswith(reshaped) and t["to"] == "cpu"]
     assert simulate(tmp_path / "pkg").ok
+
+
+def test_resize_sizes_read_from_a_dynamic_batch_become_constant_scales(tmp_path):
+    """A segmentation head on a dynamic batch: a strided conv, a Resize to [N, C] read from its input plus a
+    fixed 8 x 8 (MobileViT's unfold resize, scale 8/7), a conv, and a Resize back to the image's own size read
+    from the graph input (`interpolate(size=x.shape[-2:])`). fold-constants gives both Resizes constant scales
+    (so no Shape is left for the CPU), the model answers as before at batches 1 to 3, and the compile places
+    every layer on DRP-AI as the batch-1 form does."""
+    from compiler.ir import Module
+    from passes.fold_constants import FoldConstants
+
+    def sizes_from(name, of, start, end):
+        return [helper.make_node("Shape", [of], [name + "_shape"]),
+                helper.make_node("Slice", [name + "_shape", f"at{start}", f"at{end}"], [name])]
+
+    inits = [init("w1", rand(4, 3, 3, 3)), init("w2", rand(4, 4, 3, 3)), init("w3", rand(2, 4, 1, 1)),
+             init("at0", np.array([0], np.int64)), init("at2", np.array([2], np.int64)),
+             init("at4", np.array([4], np.int64)), init("eight", np.array([8, 8], np.int64))]
+    nodes = ([helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1], name="down")]
+             + sizes_from("nc", "c1", 0, 2)
+             + [helper.make_node("Concat", ["nc", "eight"], ["to8"], axis=0),
+                helper.make_node("Resize", ["c1", "", "", "to8"], ["r8"], mode="linear", name="to_eight"),
+                helper.make_node("Conv", ["r8", "w2"], ["c2"], pads=[1, 1, 1, 1], name="mix"),
+                helper.make_node("Conv", ["c2", "w3"], ["c3"], name="classes")]
+             + sizes_from("nc3", "c3", 0, 2) + sizes_from("hw", "x", 2, 4)
+             + [helper.make_node("Concat", ["nc3", "hw"], ["full"], axis=0),
+                helper.make_node("Resize", ["c3", "", "", "full"], ["y"], mode="linear", name="to_image")])
+    graph = helper.make_graph(nodes, "seg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 14, 14])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 14, 14])], inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    module = Module.from_proto(original)
+    assert FoldConstants().run(module, None)
+    resizes = {n.name: n for n in module.graph.nodes if n.op == "Resize"}
+    assert [len(n.inputs) for n in resizes.values()] == [3, 3]
+    np.testing.assert_array_equal(resizes["to_eight"].inputs[2].values, np.float32([1, 1, 8 / 7, 8 / 7]))
+    assert not any(n.op == "Shape" for n in module.graph.nodes)
+    folded = module.to_proto()
+    for batch in (1, 2, 3):
+        feed = {"x": rand(batch, 3, 14, 14)}
+        np.testing.assert_array_equal(make_session(folded).run(None, feed)[0], make_session(original).run(None, feed)[0])
+    onnx.save(original, tmp_path / "seg.onnx")
+    dynamic = compile_model(tmp_path / "seg.onnx", "rzv2h", tmp_path / "dynamic")
+    assert dynamic.descriptor["totals"]["layers_on_cpu"] == 0
+    assert not any("dynamic batch" in w for w in dynamic.warnings)
