@@ -229,7 +229,9 @@ def _probed_shape_inputs(module) -> int:
     pending = [n for n in graph.nodes if n.op in ("Reshape", "Expand") and not n.attrs.get("allowzero", 0)
                and const_value(n.inputs[1]) is None and not is_graph_output(graph, n.outputs[0])]
     pending += [n for n in graph.nodes if n.op == "Resize" and graph.opset >= 13 and len(n.inputs) > 3
-                and n.inputs[3].name and const_value(n.inputs[3]) is None and not n.attrs.get("axes")]
+                and n.inputs[3].name and const_value(n.inputs[3]) is None and not n.attrs.get("axes")
+                and n.attrs.get("coordinate_transformation_mode") != "tf_crop_and_resize"  # its sizes depend on roi
+                and n.attrs.get("keep_aspect_ratio_policy", "stretch") == "stretch"]
     if not pending:
         return 0
     proto = module.to_proto()
