@@ -62,12 +62,11 @@ def partition(model: onnx.ModelProto, target) -> Partition:
     subgraphs = _group(order, engine, view)
     transfers = []
     sub_of = {n: s.id for s in subgraphs for n in s.nodes}
-    members = {s.id: set(s.nodes) for s in subgraphs}
     for s in subgraphs:
         for t in s.inputs:
             prod = view.producer.get(t)
             src = engine[prod.name] if prod is not None else "cpu"  # graph inputs arrive from the CPU side
-            readers = [c for c in view.consumers.get(t, []) if c.name in members[s.id]]
+            readers = [c for c in view.consumers.get(t, []) if sub_of.get(c.name) == s.id]
             if src != s.engine and not all(c.op_type in SHAPE_ONLY for c in readers):
                 transfers.append((t, src, s.engine))
     isolated = []

@@ -744,15 +744,22 @@ def _derived_view(node, t, view, axis_of) -> list[Piece] | None:
         start = int(sum(sizes[:k]))
         return _sub_view(src, start, start + int(sizes[k]))
     if node.op == "Slice":
-        vals = [const_value(x) for x in node.inputs[1:]]
-        rank = len(node.inputs[0].shape)
-        axes = [int(a) % rank for a in (vals[2] if len(vals) > 2 else range(len(vals[0])))]
-        i = axes.index(1)
-        c = sum(p.length * p.block for p in src)
-        start, end = int(vals[0][i]), int(vals[1][i])
-        start, end = (start + c if start < 0 else start), (end + c if end < 0 else end)
-        return _sub_view(src, max(0, min(start, c)), max(0, min(end, c)))
+        return _sub_view(src, *channel_slice(node, src)[1:])
     return None
+
+
+def channel_slice(node: gs.Node, src: list[Piece]) -> tuple[int, int, int]:
+    """For a Slice of channel axis 1 of a tensor whose channels are the view `src`: which of its starts/ends
+    entries is that axis, and the positions [start, end) it keeps, negative bounds resolved and clamped to the
+    view's width (a piece spans length x block positions)."""
+    vals = [const_value(x) for x in node.inputs[1:]]
+    rank = len(node.inputs[0].shape)
+    axes = [int(a) % rank for a in (vals[2] if len(vals) > 2 else range(len(vals[0])))]
+    i = axes.index(1)
+    c = sum(p.length * p.block for p in src)
+    start, end = int(vals[0][i]), int(vals[1][i])
+    start, end = (start + c if start < 0 else start), (end + c if end < 0 else end)
+    return i, max(0, min(start, c)), max(0, min(end, c))
 
 
 def _split_sizes(node) -> list[int] | None:

@@ -122,16 +122,15 @@ class Prune(Pass):
                 one.reinfer_shapes()
             if self._blocked_groups(one) < self._blocked_groups(module):
                 work = one
-        layers = prunable_layers(work.graph, self.first_layer, self.classifier)
-        stem = [n for n in prunable_layers(work.graph, True, self.classifier) if n not in layers]
+        layers, stem = self._layers_and_stem(work.graph)
         round_to = self.round_to or getattr(target, "channel_round_to", 1)
         if work is not module and calib is not None:
             ctx.calib = calib.at_batch_one()
         try:
-            dense = work.to_proto() if self.method == "obs" and self.refit else None
+            dense = work.to_proto() if self.method == "obs" and self.refit and calib is not None else None
             facts, kept = prune_channels(work, ctx, layers, self.ratio, round_to, data_driven=self.method == "obs",
                                          measured=self.allocation == "measured", joining=stem)
-            if dense is not None and calib is not None:
+            if dense is not None:
                 nodes = {n.name: n for n in work.graph.nodes}  # the graph was rebuilt with the new shapes
                 refit_in_order(work, ctx, [nodes[n.name] for n in layers], dense, kept)
         finally:
@@ -144,11 +143,15 @@ class Prune(Pass):
             facts["analysed_at_batch_one"] = True
         return facts
 
+    def _layers_and_stem(self, graph) -> tuple[list[gs.Node], list[gs.Node]]:
+        """The layers this pass prunes, and the stem it keeps (channel mode: it still loses a stream's channels)."""
+        layers = prunable_layers(graph, self.first_layer, self.classifier)
+        return layers, [n for n in prunable_layers(graph, True, self.classifier) if n not in layers]
+
     def _blocked_groups(self, module) -> int:
         """How many channel groups the dependency analysis blocks in `module` (shapes inferred)."""
-        layers = prunable_layers(module.graph, self.first_layer, self.classifier)
-        stem = [n for n in prunable_layers(module.graph, True, self.classifier) if n not in layers]
-        return sum(1 for s in analyze(module.graph, layers, stem).base() if s.producers and s.blocked)
+        return sum(1 for s in analyze(module.graph, *self._layers_and_stem(module.graph)).base()
+                   if s.producers and s.blocked)
 
     def _sparse(self, module, ctx, layers, target) -> dict:
         pattern = self.pattern or (target.sparsity.get("pattern", "unstructured") if target is not None else "unstructured")

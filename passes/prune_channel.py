@@ -22,7 +22,8 @@ import onnx_graphsurgeon as gs
 
 from compiler.errors import UnsupportedModelError
 from compiler.rewrite import add_to_bias, const_value, fresh_name, matmul_bias, set_input, set_shape_entry
-from passes.channel_groups import ChannelAnalysis, Space, analyze, channel_params, kept_positions, resize_sizes
+from passes.channel_groups import (ChannelAnalysis, Space, analyze, channel_params, channel_slice, kept_positions,
+                                   resize_sizes)
 from passes.normalizer_fit import StatisticFit, fit_statistics
 from passes.prune_common import bias_constant, layer_statistics, rows_to_weight, shifted_inputs, weight_rows
 from passes.prune_sensitivity import measured_curves
@@ -384,14 +385,10 @@ def _rewrite_offsets(graph, analysis: ChannelAnalysis, node: gs.Node, keep) -> N
             node.attrs["split"] = [int(v) for v in sizes]
     elif node.op == "Slice":
         src = analysis.view[node.inputs[0].name]
-        c = sum(p.length * p.block for p in src)
         kept = kept_positions(src, keep)
         starts, ends = (np.array(const_value(t)) for t in node.inputs[1:3])  # int32 or int64, kept as given
-        rank = len(node.inputs[0].shape)
-        axes = const_value(node.inputs[3]) if len(node.inputs) > 3 else np.arange(len(starts))
-        i = [int(a) % rank for a in axes].index(1)
-        start, end = (int(starts[i]) + c if starts[i] < 0 else int(starts[i])), (int(ends[i]) + c if ends[i] < 0 else int(ends[i]))
-        starts[i], ends[i] = np.count_nonzero(kept < min(start, c)), np.count_nonzero(kept < min(end, c))
+        i, start, end = channel_slice(node, src)
+        starts[i], ends[i] = np.count_nonzero(kept < start), np.count_nonzero(kept < end)
         set_input(node, 1, gs.Constant(fresh_name(graph, node.name + "_starts"), starts))
         set_input(node, 2, gs.Constant(fresh_name(graph, node.name + "_ends"), ends))
 
