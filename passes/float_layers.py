@@ -7,7 +7,10 @@ Two places where quantizing costs time and buys nothing, measured in onnxruntime
   than the float kernel (1x28x28 5x5 conv: 24 us int8, 8 us float; 3x224x224 3x3 stride 2: 323 vs 133 us),
   and the model input has no calibrated range to exploit anyway. When the stem's activation is followed by
   a MaxPool, the two are swapped (exact for a non-decreasing activation), so that the float part ends
-  after the pool and the tensor handed to the int8 layers is quantized once, at a quarter of the size;
+  after the pool and the tensor handed to the int8 layers is quantized once, at a quarter of the size.
+  A patch embedding that patch-conv-to-pointwise cut into space-to-depth and a 1x1 Conv counts as a stem
+  too: int8 there was measured to cost accuracy (models/mnist_vit_dynamo.onnx at channel 0.7: 3.2 points of
+  test top-1 against 2.4 with it float);
 - a pooling tail after HardSwish: onnxruntime has no int8 HardSwish, so it computes it in float, and a
   quantized MaxPool after it becomes a uint8 NCHW MaxPool that runs ~10x slower than the float one
   (ppocr: 100 us vs 9 us). The MaxPool and the pooling ops reading it stay float.
@@ -33,14 +36,18 @@ def float_layers(graph: gs.Graph, stem: bool = True, tail: bool = True) -> tuple
     if stem:
         inputs = {t.name for t in graph.inputs}
         for node in list(graph.nodes):
-            if node.op != "Conv" or not node.inputs or node.inputs[0].name not in inputs:
+            source = _pixels(node)
+            if node.op != "Conv" or source is None or source.name not in inputs:
                 continue
-            shape = node.inputs[0].shape
+            shape = source.shape
             channels = shape[1] if shape is not None and len(shape) > 1 else None
             if not isinstance(channels, int) or channels > STEM_CHANNELS:
                 continue
             reasons[node.name] = (f"stem conv on the {channels}-channel model input stays float: onnxruntime's int8 "
-                                  f"kernel is slower there (insert-qdq{{stem=int8}} quantizes it)")
+                                  f"kernel is slower there (insert-qdq{{stem=int8}} quantizes it)"
+                                  if source is node.inputs[0] else
+                                  f"patch embedding of the {channels}-channel model input stays float like a stem conv: "
+                                  "int8 costs accuracy there (insert-qdq{stem=int8} quantizes it)")
             end = node
             act = sole_consumer(graph, node.outputs[0])
             if act is not None and act.op == "MaxPool" and len(act.outputs) == 1:
@@ -63,6 +70,17 @@ def float_layers(graph: gs.Graph, stem: bool = True, tail: bool = True) -> tuple
                                       "and its uint8 MaxPool is slower than the float one")
                 node = sole_consumer(graph, node.outputs[0])
     return reasons, stem_ends
+
+
+def _pixels(conv: gs.Node) -> gs.Tensor | None:
+    """The tensor a Conv reads, or the one its input was cut into patches from (patch-conv-to-pointwise's
+    Slice/Reshape/Transpose chain): the pixels it sees."""
+    if not conv.inputs:
+        return None
+    x = conv.inputs[0]
+    while x.inputs and x.inputs[0].op in ("Slice", "Reshape", "Transpose"):
+        x = x.inputs[0].inputs[0]
+    return x
 
 
 def _non_decreasing(node: gs.Node) -> bool:
