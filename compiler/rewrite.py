@@ -92,6 +92,22 @@ def fresh_name(graph: gs.Graph, base: str) -> str:
             return name
 
 
+class NodeChain:
+    """Appends nodes named `base`_<part> to `graph` (toposort afterwards), for a pass that writes one node as several."""
+
+    def __init__(self, graph: gs.Graph, base: str, dtype):
+        self.graph, self.base, self.dtype = graph, base, dtype
+
+    def ints(self, part: str, values) -> gs.Constant:
+        return gs.Constant(fresh_name(self.graph, f"{self.base}_{part}"), np.asarray(values, dtype=np.int64))
+
+    def add(self, op: str, part: str, inputs: list, attrs: dict | None = None, out: gs.Variable | None = None) -> gs.Variable:
+        """Append `op` reading `inputs`; its output (`out`, or a new tensor)."""
+        out = out if out is not None else gs.Variable(fresh_name(self.graph, f"{self.base}_{part}_output"), dtype=self.dtype)
+        self.graph.nodes.append(gs.Node(op, fresh_name(self.graph, f"{self.base}_{part}"), attrs or {}, inputs, [out]))
+        return out
+
+
 def matmul_bias(graph: gs.Graph, node: gs.Node) -> tuple[gs.Node, int] | None:
     """The bias of a MatMul with a constant [K, N] weight: the Add that alone reads its output and adds a
     constant holding one value per output feature ([N], or [1, .., 1, N]); (that Add, the constant's input

@@ -8,8 +8,8 @@ Two places where quantizing costs time and buys nothing, measured in onnxruntime
   and the model input has no calibrated range to exploit anyway. When the stem's activation is followed by
   a MaxPool, the two are swapped (exact for a non-decreasing activation), so that the float part ends
   after the pool and the tensor handed to the int8 layers is quantized once, at a quarter of the size.
-  A patch embedding that patch-conv-to-pointwise cut into space-to-depth and a 1x1 Conv counts as a stem
-  too: int8 there was measured to cost accuracy (models/mnist_vit_dynamo.onnx at channel 0.7: 3.2 points of
+  A patch embedding that strided-conv-to-depth cut into space-to-depth and a stride-1 Conv counts as a
+  stem too: int8 there was measured to cost accuracy (models/mnist_vit_dynamo.onnx at channel 0.7: 3.2 points of
   test top-1 against 2.4 with it float);
 - a pooling tail after HardSwish: onnxruntime has no int8 HardSwish, so it computes it in float, and a
   quantized MaxPool after it becomes a uint8 NCHW MaxPool that runs ~10x slower than the float one
@@ -73,12 +73,12 @@ def float_layers(graph: gs.Graph, stem: bool = True, tail: bool = True) -> tuple
 
 
 def _pixels(conv: gs.Node) -> gs.Tensor | None:
-    """The tensor a Conv reads, or the one its input was cut into patches from (patch-conv-to-pointwise's
-    Slice/Reshape/Transpose chain): the pixels it sees."""
+    """The tensor a Conv reads, or the one its input was cut into blocks from (strided-conv-to-depth's
+    Pad/Slice/Reshape/Transpose chain): the pixels it sees."""
     if not conv.inputs:
         return None
     x = conv.inputs[0]
-    while x.inputs and x.inputs[0].op in ("Slice", "Reshape", "Transpose"):
+    while x.inputs and x.inputs[0].op in ("Pad", "Slice", "Reshape", "Transpose"):
         x = x.inputs[0].inputs[0]
     return x
 

@@ -3,7 +3,7 @@
 `random_model(rng)` draws one model (input "x" [1, C, H, W], output "y"): convolutions (plain, strided,
 depthwise, grouped, with or without bias), BatchNormalization, activations, residual Add, summed Conv
 branches over one input (RepVGG-style, with a BatchNorm or identity branch), Concat of two branches,
-pooling, nearest Resize, a zero Pad before a Conv, a channels-last MLP (Transpose, LayerNorm as the op or
+pooling, nearest Resize, a zero Pad before a Conv, a patch embedding (kernel = stride), a dilated Conv, a channels-last MLP (Transpose, LayerNorm as the op or
 written out with means or with sums, MatMul Linear layers, GELU), multi-head self-attention over the pixels
 (fused or separate q/k/v, per-head biases; or YOLO11's NCHW form), and optionally a classifier head
 (GlobalAveragePool and Flatten, or a Flatten of the NHWC map; Gemm or MatMul+Add), at an opset from 13 to 18.
@@ -60,7 +60,7 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
     for _ in range(int(rng.integers(2, 9))):
         c, h, w = shape
         kind = rng.choice(["conv", "depthwise", "grouped", "bn", "act", "residual", "concat", "pool", "resize", "padconv",
-                           "branches", "tokens", "attention", "psa"])
+                           "branches", "tokens", "attention", "psa", "patches", "dilated"])
         if kind == "conv" or (kind == "grouped" and c < 2):
             k = int(rng.choice([1, 3, 5]))
             stride = 2 if h >= 8 and w >= 8 and rng.random() < 0.3 else 1
@@ -121,6 +121,15 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
             x = _attention(b, x, c, h, w)
         elif kind == "psa" and h * w <= 256:
             x, shape = _psa(b, x, c, h, w)
+        elif kind == "patches" and h >= 6 and w >= 6:  # a patch embedding (kernel = stride 3 or 4; leftover rows)
+            k, c_out = int(rng.choice([3, 4])), int(rng.integers(1, 17))
+            x = b.node("Conv", [x, b.const("w", b.weights(c_out, c, k, k))], kernel_shape=[k, k], strides=[k, k])
+            shape = (c_out, h // k, w // k)
+        elif kind == "dilated":  # an RFB / ASPP branch: dilation 2, 3 or 5, padded to keep the size
+            d, c_out = int(rng.choice([2, 3, 5])), int(rng.integers(1, 17))
+            x = b.node("Conv", [x, b.const("w", b.weights(c_out, c, 3, 3))], kernel_shape=[3, 3], dilations=[d, d],
+                       pads=[d] * 4)
+            shape = (c_out, h, w)
         elif kind == "padconv":
             pads = b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
             padded = b.node("Pad", [x, pads], mode="constant")

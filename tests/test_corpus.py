@@ -114,3 +114,15 @@ def test_magika_dynamic_batch_reshapes_get_constant_targets(corpus, tmp_path, ca
     assert not [n.name for n in model.graph.node if n.op_type in ("Shape", "Expand")]
     deploy = json.loads((out / "deploy.json").read_text())
     assert deploy["totals"]["layers_on_cpu"] <= 22
+
+
+def test_ultraface_dilated_convs_run_on_the_accelerator(corpus, tmp_path, capsys):
+    """ultraface's RFB block has 3x3 Convs with dilations 3 and 5, which DRP-AI's convolution unit lacks: they ran
+    on the CPU (11 layers there, 15 transfers). Written as space-to-batch, every Conv is on DRP-AI and only the
+    box decoding stays on the CPU; the compile's lossless check held the rewrite to the original outputs."""
+    report, out = compile_and_simulate(corpus, tmp_path, capsys, "ultraface_rfb_320")
+    deploy = json.loads((out / "deploy.json").read_text())
+    convs = [l for l in deploy["layers"] if l["op"] == "Conv"]
+    assert all(l["engine"] == "drpai" for l in convs)
+    assert [l["name"] for l in convs if l["name"] in ("Conv_51", "Conv_61")] == ["Conv_51", "Conv_61"]
+    assert deploy["totals"]["layers_on_cpu"] <= 9 and len(deploy["transfers"]) <= 11
