@@ -95,10 +95,3 @@ def _load(name: str) -> Target:
         clock_mhz=float(data.get("clock_mhz", 0)), dma_gbps=float(data["dma_gbps"]),
         transfer_overhead_us=float(data["transfer_overhead_us"]), cpu=data["cpu"],
         default_prune_mode=data["default_prune_mode"], default_pipeline=data["default_pipeline"])
-
-
-def conv_rules(ctx) -> dict | None:
-    """The compile's target's rules for Conv on its accelerator (kernel_max, strides, dilations, ...), or None
-    without a target."""
-    target = getattr(ctx, "target", None)
-    return None if target is None else target.accelerator_ops.get("Conv", {})

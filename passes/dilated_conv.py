@@ -11,16 +11,15 @@ inverse Reshape, Transpose, Reshape (and a Slice where the padding to a multiple
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.passmanager import Pass, register_pass
+from compiler.passmanager import register_pass
 from compiler.rewrite import NodeChain, fresh_name
-from compiler.target import conv_rules
+from passes.conv_rewrite import ConvRewrite
 
 
 @register_pass
-class DilatedConvToBatch(Pass):
+class DilatedConvToBatch(ConvRewrite):
     """Rewrite a 2-D Conv with stride 1 and a dilation above 1, explicit (or no) padding and an input of static
     channels, height and width (the batch may be dynamic), into the space-to-batch form above, when the target's
     convolution unit lacks that dilation (without a target, every dilated Conv).
@@ -28,30 +27,20 @@ class DilatedConvToBatch(Pass):
     auto-padded dilated Convs and dilations the target runs are left alone."""
 
     name = "dilated-conv-to-batch"
-    lossless = True
 
-    def run(self, module, ctx) -> bool:
-        module.infer_shapes()
-        graph = module.graph
-        rules = conv_rules(ctx)
-        rewritten = []
-        for conv in list(graph.nodes):
-            dilation = _dilation(conv)
-            if dilation is None or (rules is not None and all(d in rules.get("dilations", dilation) for d in dilation)):
-                continue
-            _rewrite(graph, conv, dilation)
-            rewritten.append(conv.name)
-        if rewritten:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-            module.reinfer_shapes()
-        if ctx is not None:
-            ctx.log(rewritten=rewritten)
-        return bool(rewritten)
+    def match(self, conv, rules):
+        dilation = _dilation(conv)
+        if dilation is None or (rules is not None and all(d in rules.get("dilations", dilation) for d in dilation)):
+            return None
+        return dilation
+
+    def rewrite(self, graph, conv, dilation):
+        _rewrite(graph, conv, dilation)
 
 
 def _dilation(conv: gs.Node) -> tuple[int, int] | None:
     """(dh, dw) when `conv` is a dilated Conv this pass can rewrite, else None."""
-    if conv.op != "Conv" or conv.domain or len(conv.inputs) < 2 or conv.inputs[1].shape is None:
+    if len(conv.inputs) < 2 or conv.inputs[1].shape is None:
         return None
     shape = conv.inputs[0].shape
     if len(conv.inputs[1].shape) != 4 or shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):

@@ -15,13 +15,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.passmanager import Pass, register_pass
+from compiler.passmanager import register_pass
 from compiler.rewrite import NodeChain, const_value, fresh_name
-from compiler.target import conv_rules
+from passes.conv_rewrite import ConvRewrite
 
 
 @register_pass
-class StridedConvToDepth(Pass):
+class StridedConvToDepth(ConvRewrite):
     """Rewrite a 2-D Conv with dilation 1, group 1, explicit (or no) padding and an input of static channels,
     height and width (the batch may be dynamic), that the target's convolution unit cannot run as it is (a kernel
     above its kernel_max or a stride it lacks) but can after the rewrite, into pad/crop, space-to-depth and a
@@ -30,30 +30,18 @@ class StridedConvToDepth(Pass):
     Convs are left alone."""
 
     name = "strided-conv-to-depth"
-    lossless = True
 
-    def run(self, module, ctx) -> bool:
-        module.infer_shapes()
-        graph = module.graph
-        rules = conv_rules(ctx)
-        rewritten = []
-        for conv in list(graph.nodes):
-            geometry = _geometry(conv)
-            if geometry is None or not _worth_it(*geometry, rules):
-                continue
-            _rewrite(graph, conv, *geometry)
-            rewritten.append(conv.name)
-        if rewritten:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-            module.reinfer_shapes()
-        if ctx is not None:
-            ctx.log(rewritten=rewritten)
-        return bool(rewritten)
+    def match(self, conv, rules):
+        geometry = _geometry(conv)
+        return geometry if geometry is not None and _worth_it(*geometry, rules) else None
+
+    def rewrite(self, graph, conv, geometry):
+        _rewrite(graph, conv, *geometry)
 
 
 def _geometry(conv: gs.Node) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """(kernel, strides) when `conv` is a strided Conv this pass can rewrite, else None."""
-    if conv.op != "Conv" or conv.domain or len(conv.inputs) < 2:
+    if len(conv.inputs) < 2:
         return None
     weight, shape = const_value(conv.inputs[1]), conv.inputs[0].shape
     if weight is None or weight.ndim != 4 or shape is None or len(shape) != 4:
