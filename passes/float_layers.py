@@ -73,14 +73,19 @@ def float_layers(graph: gs.Graph, stem: bool = True, tail: bool = True) -> tuple
 
 
 def _pixels(conv: gs.Node) -> gs.Tensor | None:
-    """The tensor a Conv reads, or the one its input was cut into blocks from (strided-conv-to-depth's
-    Pad/Slice/Reshape/Transpose chain): the pixels it sees."""
+    """The tensor a Conv reads or, for a Conv strided-conv-to-depth rewrote (Reshape of a block-major Transpose
+    of a 6-D Reshape, after an optional Pad and Slice), the tensor it cut into blocks: the pixels it sees."""
     if not conv.inputs:
         return None
-    x = conv.inputs[0]
-    while x.inputs and x.inputs[0].op in ("Pad", "Slice", "Reshape", "Transpose"):
-        x = x.inputs[0].inputs[0]
-    return x
+    chain, t = [], conv.inputs[0]
+    while t.inputs and len(chain) < 5:
+        chain.append(t.inputs[0])
+        t = t.inputs[0].inputs[0]
+    ops = [n.op for n in chain]
+    if (ops[:3] == ["Reshape", "Transpose", "Reshape"] and list(chain[1].attrs.get("perm", [])) == [0, 1, 3, 5, 2, 4]
+            and set(ops[3:]) <= {"Pad", "Slice"}):
+        return t
+    return conv.inputs[0]
 
 
 def _non_decreasing(node: gs.Node) -> bool:

@@ -145,3 +145,20 @@ def test_an_rfb_block_compiles_onto_the_accelerator_alone(tmp_path):
     assert deploy["totals"]["layers_on_cpu"] == 0
     assert layers["dilated5"]["macs"] == 8 * 16 * 9 * 30 * 40 and layers["dilated5"]["engine"] == "drpai"
     assert main(["simulate", str(out)]) == 0
+
+
+def test_only_the_rewritten_chain_makes_a_conv_a_stem():
+    """float_layers looks through strided-conv-to-depth's space-to-depth chain to the model input, and through
+    nothing else: a Conv after a reflect Pad of a 3-channel input is no stem (as before the rewrite existed)."""
+    import onnx_graphsurgeon as gs
+
+    from passes.float_layers import float_layers
+
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], name="pad", mode="reflect"),
+             helper.make_node("Conv", ["p", "w"], ["y"], name="conv", kernel_shape=[3, 3])]
+    padded = model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", TensorProto.FLOAT, None)],
+                   [init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), init("w", rand(4, 3, 3, 3))])
+    assert float_layers(gs.import_onnx(padded))[0] == {}
+    _, rewritten, _ = rewrite(strided_model(), "rzv2h")
+    reasons = float_layers(gs.import_onnx(rewritten))[0]
+    assert {"stem", "overlap", "wide"} <= set(reasons) and "patch embedding" in reasons["overlap"]
