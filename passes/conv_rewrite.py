@@ -27,7 +27,7 @@ class ConvRewrite(Pass):
         rules = None if target is None else target.accelerator_ops.get("Conv", {})
         rewritten = []
         for conv in list(graph.nodes):
-            found = self.match(conv, rules) if conv.op == "Conv" and not conv.domain else None
+            found = self.match(conv, rules) if _plain_2d(conv) else None
             if found is not None:
                 self.rewrite(graph, conv, found)
                 rewritten.append(conv.name)
@@ -37,3 +37,15 @@ class ConvRewrite(Pass):
         if ctx is not None:
             ctx.log(rewritten=rewritten)
         return bool(rewritten)
+
+
+def _plain_2d(conv: gs.Node) -> bool:
+    """A 2-D Conv with a weight of known shape, an input of static channels, height and width (the batch may be
+    dynamic) and explicit, non-negative (or no) padding: what both rewrites need to lay out their data movement."""
+    if conv.op != "Conv" or conv.domain or len(conv.inputs) < 2:
+        return False
+    weight, x = conv.inputs[1].shape, conv.inputs[0].shape
+    if weight is None or len(weight) != 4 or x is None or len(x) != 4 or not all(isinstance(d, int) for d in x[1:]):
+        return False
+    return (conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID")
+            and all(p >= 0 for p in conv.attrs.get("pads", ())))

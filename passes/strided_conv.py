@@ -40,19 +40,13 @@ class StridedConvToDepth(ConvRewrite):
 
 
 def _geometry(conv: gs.Node) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """(kernel, strides) when `conv` is a strided Conv this pass can rewrite, else None."""
-    if len(conv.inputs) < 2:
-        return None
-    weight, shape = const_value(conv.inputs[1]), conv.inputs[0].shape
-    if weight is None or weight.ndim != 4 or shape is None or len(shape) != 4:
-        return None
-    if not all(isinstance(d, int) for d in shape[1:]):
-        return None
+    """(kernel, strides) when `conv` (a plain 2-D Conv, see conv_rewrite) has a constant weight, a stride above 1,
+    dilation 1 and group 1, else None."""
+    weight = const_value(conv.inputs[1])
     attrs = conv.attrs
     strides = tuple(int(s) for s in attrs.get("strides", (1, 1)))
-    if (max(strides) == 1 or int(attrs.get("group", 1)) != 1 or any(d != 1 for d in attrs.get("dilations", (1, 1)))
-            or any(p < 0 for p in attrs.get("pads", ()))
-            or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID")):
+    if (weight is None or max(strides) == 1 or int(attrs.get("group", 1)) != 1
+            or any(d != 1 for d in attrs.get("dilations", (1, 1)))):
         return None
     return tuple(int(k) for k in weight.shape[2:]), strides
 
