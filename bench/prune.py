@@ -31,7 +31,7 @@ from measure import run_measured  # noqa: E402
 from ptq import evaluate, latency_ms  # noqa: E402
 
 LOSSLESS = ("upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,reduce-mean-to-pool,"
-            "fuse-conv-bn,fuse-conv-add,merge-parallel-convs,fuse-conv-add,fuse-pad-conv,fuse-matmul-add,fuse-hardswish")
+            "fuse-conv-bn,fuse-conv-add,merge-parallel-convs,fuse-conv-add,fuse-pad-conv,drop-padding-taps,fuse-matmul-add,fuse-hardswish")
 MODELS = ("efficientnet_lite0", "ppocr_mobile_v2_cls", "mnist_cntk", "mnist_resnet", "mnist_vit")
 
 

@@ -125,8 +125,8 @@ def random_model(rng: np.random.Generator) -> onnx.ModelProto:
             k, c_out = int(rng.choice([3, 4])), int(rng.integers(1, 17))
             x = b.node("Conv", [x, b.const("w", b.weights(c_out, c, k, k))], kernel_shape=[k, k], strides=[k, k])
             shape = (c_out, h // k, w // k)
-        elif kind == "dilated":  # an RFB / ASPP branch: dilation 2, 3 or 5, padded to keep the size
-            d, c_out = int(rng.choice([2, 3, 5])), int(rng.integers(1, 17))
+        elif kind == "dilated":  # an RFB / ASPP branch, padded to keep the size (24 on a smaller map: taps on padding)
+            d, c_out = int(rng.choice([2, 3, 4, 5, 8, 12, 24])), int(rng.integers(1, 17))
             x = b.node("Conv", [x, b.const("w", b.weights(c_out, c, 3, 3))], kernel_shape=[3, 3], dilations=[d, d],
                        pads=[d] * 4)
             shape = (c_out, h, w)

@@ -15,7 +15,7 @@ from compiler.instrument import relative_error
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "models" / "mnist_resnet.onnx"
 CALIB = ROOT / "models" / "mnist_calib.npz"
-LOSSLESS = "upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,reduce-mean-to-pool,fuse-conv-bn,fuse-conv-add,merge-parallel-convs,fuse-conv-add,fuse-pad-conv,fuse-matmul-add,fuse-hardswish"
+LOSSLESS = "upgrade-opset{min=14},fold-constants,eliminate-identity,eliminate-dead-code,reduce-mean-to-pool,fuse-conv-bn,fuse-conv-add,merge-parallel-convs,fuse-conv-add,fuse-pad-conv,drop-padding-taps,fuse-matmul-add,fuse-hardswish"
 PACKAGE = {"model.onnx", "reference.onnx", "deploy.json", "addr_map.txt", "report.json", "report.html",
            "deploy.schema.json", "sample_inputs.npz", "reference_outputs.npz"}
 

@@ -123,7 +123,9 @@ def test_dilations_the_target_lacks_become_space_to_batch_with_the_same_outputs(
     assert changed and sorted(names) == ["dilated3", "dilated5", "uneven"]  # rzv2h has dilations 1 and 2
     dilated = {n.name: [list(a.ints) for a in n.attribute if a.name == "dilations"] for n in rewritten.graph.node
                if n.op_type == "Conv"}
-    assert dilated == {"dilated2": [[2, 2]], "dilated3": [], "dilated5": [], "uneven": []}
+    # (4, 3) on 30x40 padded by (1, 3) and (2, 0): 26 rows from 2 phases of dilation 2 (4 of dilation 1 would
+    # compute 28), 36 columns from 3 phases
+    assert dilated == {"dilated2": [[2, 2]], "dilated3": [[1, 1]], "dilated5": [[1, 1]], "uneven": [[2, 1]]}
     for batch in (1, 3):
         x = rand(batch, 16, 30, 40)
         same_outputs(original, rewritten, {"x": x})
