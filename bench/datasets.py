@@ -30,6 +30,13 @@ class Task:
     eval_y: np.ndarray | None
     score: Callable[[np.ndarray, np.ndarray], float]  # (logits, labels) -> accuracy in [0, 1]
     batch: int = 32
+    # (outputs, fp32 outputs) -> agreement in [0, 1]; default: the share of equal arg-maxes over the last axis
+    agree: Callable[[np.ndarray, np.ndarray], float] | None = None
+
+    def agreement(self, out: np.ndarray, fp32_out: np.ndarray) -> float:
+        if self.agree is not None:
+            return self.agree(out, fp32_out)
+        return float(np.mean(out.argmax(-1) == fp32_out.argmax(-1)))
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -117,8 +124,134 @@ def vit_sample(limit: int | None = None) -> Task:
     return sample(limit, "mnist_vit")
 
 
+RAPIDOCR = "rapidocr-onnxruntime==1.4.4"  # PP-OCRv4's detector and recognizer, as that PyPI package ships them
+CACHE = Path.home() / ".cache" / "drpc-bench"
+
+
+def rapidocr_model(name: str) -> Path:
+    """`name` from the rapidocr-onnxruntime wheel, fetched once with pip into ~/.cache/drpc-bench."""
+    import subprocess
+    import sys
+    import zipfile
+
+    target = CACHE / "rapidocr" / name
+    if not target.exists():
+        wheels = CACHE / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), RAPIDOCR], check=True)
+        wheel = next(wheels.glob("rapidocr_onnxruntime-*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(f"rapidocr_onnxruntime/models/{name}"))
+    return target
+
+
+def _text_lines() -> tuple[list, list[str]]:
+    """The corpus's rendered text lines (BGR arrays, as OpenCV loads them for PP-OCR) and their texts."""
+    from PIL import Image
+
+    folder = CORPUS / "data" / "ocr" / "text_lines"
+    rows = [line.rstrip("\n").split("\t", 1) for line in open(folder / "labels.tsv", encoding="utf-8") if line.strip()]
+    images = []
+    for name, _ in rows:
+        with Image.open(folder / name) as im:
+            images.append(np.asarray(im.convert("RGB"))[:, :, ::-1])
+    return images, [text for _, text in rows]
+
+
+def _ppocr_normalized(bgr: np.ndarray) -> np.ndarray:
+    """PP-OCR's (x/255 - 0.5)/0.5, channels first."""
+    return ((bgr.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def ctc_lines(characters: list[str]) -> Callable[[np.ndarray, np.ndarray], float]:
+    """Score of a CTC recognizer: the share of lines whose greedy decoding (arg-max per step, repeats merged,
+    blanks dropped) equals the label exactly. `characters`: index 1.. of the model's classes (0 is the blank)."""
+    table = ["", *characters]
+
+    def score(probs: np.ndarray, labels: np.ndarray) -> float:
+        steps = np.asarray(probs).argmax(-1)
+        texts = []
+        for row in steps:
+            keep = np.concatenate([[True], row[1:] != row[:-1]]) & (row != 0)
+            texts.append("".join(table[i] if i < len(table) else "" for i in row[keep]))
+        return float(np.mean([t.strip() == str(label).strip() for t, label in zip(texts, labels)]))
+
+    return score
+
+
+def ppocr_v4_rec(limit: int | None = None) -> Task:
+    """PP-OCRv4's recognizer (SVTR-style, 6625 classes) on the corpus's text lines: height 48 keeping the aspect
+    ratio, right-padded to 320 wide; the first 100 lines calibrate; score: lines read exactly."""
+    from PIL import Image
+
+    import onnx
+
+    model = rapidocr_model("ch_PP-OCRv4_rec_infer.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    images, texts = _text_lines()
+    xs = []
+    for bgr in images[:limit]:
+        h, w = bgr.shape[:2]
+        width = min(320, max(1, int(np.ceil(48 * w / h))))
+        resized = np.asarray(Image.fromarray(bgr).resize((width, 48), Image.BILINEAR))
+        padded = np.zeros((3, 48, 320), np.float32)
+        padded[:, :, :width] = _ppocr_normalized(resized)
+        xs.append(padded)
+    x, y = np.stack(xs), np.array(texts[:len(xs)], dtype=object)
+    return Task("ppocr_v4_rec", model, "x", x[:100], x[100:], y[100:],
+                ctc_lines([*meta["character"].splitlines(), " "]), batch=16)
+
+
+def text_line_recall(threshold: float = 0.3, cover: float = 0.15) -> Callable[[np.ndarray, np.ndarray], float]:
+    """Score of a DBNet text detector: the share of pasted lines (labels: [sample, x0, y0, x1, y1] boxes) whose
+    box the probability map covers above `threshold` over at least `cover` of its area (DBNet marks a line's
+    shrunk core, which its post-processing grows back: about a quarter of the box on these scenes)."""
+    def score(probs: np.ndarray, boxes: np.ndarray) -> float:
+        hits = [np.mean(probs[int(i), 0, y0:y1, x0:x1] > threshold) >= cover for i, x0, y0, x1, y1 in boxes]
+        return float(np.mean(hits))
+
+    return score
+
+
+def mask_iou(threshold: float = 0.3) -> Callable[[np.ndarray, np.ndarray], float]:
+    """Agreement of two probability maps: intersection over union of their pixels above `threshold`."""
+    def agree(out: np.ndarray, ref: np.ndarray) -> float:
+        a, b = out > threshold, ref > threshold
+        return float(np.sum(a & b) / max(np.sum(a | b), 1))
+
+    return agree
+
+
+def ppocr_v4_det(limit: int | None = None) -> Task:
+    """PP-OCRv4's text detector (DBNet) on 640x640 scenes: each coco128 image (resized) with four of the corpus's
+    text lines pasted at random places and heights 20-40; the first 48 scenes calibrate; score: pasted lines
+    found (text_line_recall), agreement: IoU of the thresholded maps with fp32's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines, _ = _text_lines()
+    backgrounds = sorted((CORPUS / "data" / "coco128" / "images").rglob("*.jpg"))[:limit]
+    xs, boxes = [], []
+    for i, path in enumerate(backgrounds):
+        with Image.open(path) as im:
+            scene = np.array(im.convert("RGB").resize((640, 640), Image.BILINEAR))[:, :, ::-1]
+        for line in (lines[j] for j in rng.choice(len(lines), 4, replace=False)):
+            h = int(rng.integers(20, 41))
+            w = min(600, max(1, round(line.shape[1] * h / line.shape[0])))
+            x0, y0 = int(rng.integers(0, 640 - w)), int(rng.integers(0, 640 - h))
+            scene[y0:y0 + h, x0:x0 + w] = np.asarray(Image.fromarray(line).resize((w, h), Image.BILINEAR))
+            boxes.append((i, x0, y0, x0 + w, y0 + h))
+        xs.append(_ppocr_normalized(scene))
+    x, b = np.stack(xs), np.array(boxes)
+    calib = 48
+    evaluation = b[b[:, 0] >= calib] - np.array([calib, 0, 0, 0, 0])
+    return Task("ppocr_v4_det", rapidocr_model("ch_PP-OCRv4_det_infer.onnx"), "x", x[:calib], x[calib:], evaluation,
+                text_line_recall(), batch=4, agree=mask_iou())
+
+
 TASKS = {"efficientnet_lite0": imagenet, "ppocr_mobile_v2_cls": ocr, "magika_standard_v3_3": magika,
-         "mnist_cntk": mnist, "mnist_resnet": sample, "mnist_vit": vit_sample}
+         "mnist_cntk": mnist, "mnist_resnet": sample, "mnist_vit": vit_sample,
+         "ppocr_v4_rec": ppocr_v4_rec, "ppocr_v4_det": ppocr_v4_det}
 
 
 def run_task(session, task: Task, x: np.ndarray | None = None) -> np.ndarray:

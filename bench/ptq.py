@@ -100,11 +100,11 @@ def evaluate(model_path, task, fp32_out, fp32_calib=None, host_kernels: bool = F
     on the calibration inputs (`calib_agree`)."""
     sess, fused = scoring_session(model_path, task, host_kernels)
     out = datasets.run_task(sess, task)
-    scores = {"acc": task.score(out, task.eval_y), "agree": float(np.mean(out.argmax(-1) == fp32_out.argmax(-1))),
+    scores = {"acc": task.score(out, task.eval_y), "agree": task.agreement(out, fp32_out),
               "fused_only": fused and not host_kernels}
     if fp32_calib is not None:
         calib = datasets.run_task(sess, task, task.calib)
-        scores["calib_agree"] = float(np.mean(calib.argmax(-1) == fp32_calib.argmax(-1)))
+        scores["calib_agree"] = task.agreement(calib, fp32_calib)
     return scores
 
 
