@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Pass, register_pass
+from compiler.rewrite import fresh_name
 
 
 @register_pass
@@ -32,7 +33,7 @@ class DropPaddingTaps(Pass):
             cut = _padding_taps(conv)
             if cut is not None:
                 before = conv.inputs[1].shape[2:]
-                _trim(conv, *cut)
+                _trim(module.graph, conv, *cut)
                 trimmed[conv.name] = f"{'x'.join(map(str, before))} -> {'x'.join(map(str, conv.inputs[1].shape[2:]))}"
         if trimmed:
             module.graph.cleanup(remove_unused_graph_inputs=False)
@@ -70,11 +71,12 @@ def _padding_taps(conv: gs.Node) -> tuple[list[int], list[int]] | None:
     return (starts, ends) if any(starts) or any(ends) else None
 
 
-def _trim(conv: gs.Node, starts: list[int], ends: list[int]) -> None:
+def _trim(graph: gs.Graph, conv: gs.Node, starts: list[int], ends: list[int]) -> None:
     weight = np.asarray(conv.inputs[1].values)
     axes = len(starts)
     window = tuple(slice(a, k - b) for a, b, k in zip(starts, ends, weight.shape[2:]))
-    conv.inputs[1] = gs.Constant(conv.inputs[1].name + "_taps", np.ascontiguousarray(weight[(slice(None),) * 2 + window]))
+    conv.inputs[1] = gs.Constant(fresh_name(graph, conv.inputs[1].name + "_taps"),
+                                 np.ascontiguousarray(weight[(slice(None),) * 2 + window]))
     dilations = list(conv.attrs.get("dilations", [1] * axes))
     pads = list(conv.attrs.get("pads", [0] * 2 * axes))
     for i in range(axes):

@@ -7,6 +7,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from compiler.context import CompileContext
+from compiler.ir import Module
+from compiler.passmanager import create_pass
 from graphs import init, model, rand
 from test_conv_rewrites import kernels, rewrite, same_outputs
 
@@ -46,16 +49,17 @@ def attribute(proto, node, name):
     return next(list(a.ints) for n in proto.graph.node if n.name == node for a in n.attribute if a.name == name)
 
 
+def trim(proto) -> tuple[dict[str, str], onnx.ModelProto]:
+    """drop-padding-taps on `proto`: (the kernels it cut, before -> after, by Conv; the model after)."""
+    module, ctx = Module.from_proto(proto), CompileContext()
+    create_pass("drop-padding-taps", {}).run(module, ctx)
+    return ctx.records[-1].facts["trimmed"], module.to_proto()
+
+
 def test_taps_that_read_only_padding_are_cut_with_the_same_outputs():
     original = aspp_model()
-    from compiler.context import CompileContext
-    from compiler.ir import Module
-    from compiler.passmanager import create_pass
-
-    module, ctx = Module.from_proto(original), CompileContext()
-    assert create_pass("drop-padding-taps", {}).run(module, ctx)
-    assert ctx.records[-1].facts["trimmed"] == {"aspp12": "3x3 -> 1x1", "pooled": "3x3 -> 1x1", "line": "7 -> 3"}
-    trimmed = module.to_proto()
+    cut, trimmed = trim(original)
+    assert cut == {"aspp12": "3x3 -> 1x1", "pooled": "3x3 -> 1x1", "line": "7 -> 3"}
     assert kernels(trimmed) == {"aspp4": [3, 3], "aspp8": [3, 3], "aspp12": [1, 1], "pooled": [1, 1], "short": [3, 3],
                                 "project": [1, 1], "line": [3]}
     assert attribute(trimmed, "aspp12", "pads") == [0] * 4 and attribute(trimmed, "aspp12", "dilations") == [1, 1]
