@@ -222,6 +222,7 @@ def test_ctrl_c_during_calibration(tmp_path):
     out = tmp_path / "out"
     proc = _subprocess("""
         import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the parent ignores it
         import compiler.activations as acts
         original = acts.stream_activations
         def interrupted(*a, **k):
