@@ -40,12 +40,17 @@ class ConvRewrite(Pass):
 
 
 def _plain_2d(conv: gs.Node) -> bool:
-    """A 2-D Conv with a weight of known shape, an input of static channels, height and width (the batch may be
-    dynamic) and explicit, non-negative (or no) padding: what both rewrites need to lay out their data movement."""
+    """A 2-D Conv `static_conv` accepts: what both rewrites need to lay out their data movement."""
+    return static_conv(conv) and len(conv.inputs[1].shape) == 4
+
+
+def static_conv(conv: gs.Node) -> bool:
+    """A Conv with a weight of known shape, an input of static channels and spatial sizes (the batch may be
+    dynamic) and explicit, non-negative (or no) padding."""
     if conv.op != "Conv" or conv.domain or len(conv.inputs) < 2:
         return False
     weight, x = conv.inputs[1].shape, conv.inputs[0].shape
-    if weight is None or len(weight) != 4 or x is None or len(x) != 4 or not all(isinstance(d, int) for d in x[1:]):
+    if weight is None or x is None or len(x) != len(weight) or not all(isinstance(d, int) for d in x[1:]):
         return False
     return (conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID")
             and all(p >= 0 for p in conv.attrs.get("pads", ())))

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.passmanager import Pass, register_pass
 from compiler.rewrite import fresh_name
+from passes.conv_rewrite import static_conv
 
 
 @register_pass
@@ -46,13 +47,9 @@ class DropPaddingTaps(Pass):
 def _padding_taps(conv: gs.Node) -> tuple[list[int], list[int]] | None:
     """(taps to cut at the start, at the end) per spatial axis of `conv`, or None when there are none (or the
     Conv is not one this pass can read)."""
-    if conv.op != "Conv" or conv.domain or len(conv.inputs) < 2 or not isinstance(conv.inputs[1], gs.Constant):
+    if not static_conv(conv) or not isinstance(conv.inputs[1], gs.Constant):
         return None
     x, kernel = conv.inputs[0].shape, conv.inputs[1].shape[2:]
-    if x is None or len(x) != len(kernel) + 2 or not all(isinstance(d, int) for d in x[2:]):
-        return None
-    if conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
-        return None
     axes = len(kernel)
     pads = list(conv.attrs.get("pads", [0] * 2 * axes))
     strides = conv.attrs.get("strides", [1] * axes)
