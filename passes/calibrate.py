@@ -24,8 +24,11 @@ class Calibrate(Pass):
     Guarantees: one onnxruntime session over the float activations (Q/DQ bypassed), streamed batch by batch
     with a fixed-size histogram per tensor, so memory does not grow with the number of samples; ranges by
     `method`; data-movement ops share their input's parameters and Concat inputs share the output's; biases
-    of quantized Conv/Gemm become int32 with scale = input scale x weight scale (an overflowing bias keeps
-    its float value and is reported); per-tensor SQNR goes to the per-layer report.
+    of quantized Conv/Gemm become int32 with scale = input scale x weight scale; where a bias would overflow
+    int32 (a dead channel: weights near 0, so a weight scale near 0, beside a real bias) that channel's weight
+    scale is raised until it fits and its int8 weights re-rounded, which moves its output by under 1e-6 of the
+    bias; a bias that still cannot be made int32 keeps its float value and is reported; per-tensor SQNR goes to
+    the per-layer report.
     """
 
     name = "calibrate"
@@ -53,9 +56,9 @@ class Calibrate(Pass):
             producer = q.inputs[0].inputs[0].name if q.inputs[0].inputs else q.inputs[0].name
             ctx.layer(producer, quant_scale=scale, quant_zero_point=zp,
                       quant_sqnr_db=round(float(min(sqnr_db(observers[q.inputs[0].name], lo, hi), 99.0)), 2))
-        overflow = self._int32_biases(graph)
+        overflow, raised = self._int32_biases(graph)
         ctx.log(method=self.method, tensors=len(pairs), samples=ctx.calib.num_samples,
-                synthetic_data=ctx.calib.synthetic, bias_overflow=overflow)
+                synthetic_data=ctx.calib.synthetic, bias_overflow=overflow, weight_scale_raised_for_bias=raised)
         if overflow:
             ctx.warn(f"bias of {', '.join(overflow)} does not fit int32 at its scale; kept in float")
         return True
@@ -101,8 +104,10 @@ class Calibrate(Pass):
                         params[m.name] = (lo, hi)
 
     @staticmethod
-    def _int32_biases(graph: gs.Graph) -> list[str]:
-        overflow = []
+    def _int32_biases(graph: gs.Graph) -> tuple[list[str], list[str]]:
+        """Make quantized Conv/Gemm biases int32 (see the class docstring): the layers whose bias stays float, and
+        those whose weight scale was raised so that it fits."""
+        overflow, raised = [], []
         for node in list(graph.nodes):
             if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
                 continue
@@ -123,8 +128,12 @@ class Calibrate(Pass):
                 s_b = np.broadcast_to(s_b, bias.shape).astype(np.float32)
             q = np.round(bias.astype(np.float64) / s_b.astype(np.float64))
             if np.abs(q).max(initial=0) > INT32_MAX:
-                overflow.append(node.name)
-                continue
+                s_b = _fit_weight_scale(graph, w_dq, bias, s_x)
+                if s_b is None:
+                    overflow.append(node.name)
+                    continue
+                raised.append(node.name)
+                q = np.round(bias.astype(np.float64) / s_b.astype(np.float64))
             q_c = gs.Constant(fresh_name(graph, b.name + "_int32"), q.astype(np.int32))
             s_c = gs.Constant(fresh_name(graph, b.name + "_bscale"), s_b)
             z_c = gs.Constant(fresh_name(graph, b.name + "_bzero"), np.zeros(s_b.shape, np.int32))
@@ -133,7 +142,32 @@ class Calibrate(Pass):
                                        attrs={"axis": 0}, inputs=[q_c, s_c, z_c], outputs=[out]))
             node.inputs[2] = out
         graph.toposort()
-        return overflow
+        return overflow, raised
+
+
+def _fit_weight_scale(graph: gs.Graph, w_dq: gs.Node, bias: np.ndarray, s_x: float) -> np.ndarray | None:
+    """Raise the weight scales of `w_dq` (per output channel, symmetric) just enough that `bias` fits int32 at
+    input scale `s_x` (to 2^30, leaving room for float32 rounding of the product), re-rounding the int8 weights
+    to the new scales; the new bias scales, or None when the weight's layout does not allow it."""
+    q_w = np.asarray(w_dq.inputs[0].values)
+    s_w = np.asarray(w_dq.inputs[1].values, dtype=np.float64)
+    zero = w_dq.inputs[2] if len(w_dq.inputs) > 2 else None
+    if zero is not None and np.any(np.asarray(zero.values) != 0):
+        return None
+    if s_w.ndim > 1 or s_w.size not in (1, bias.size) or q_w.dtype != np.int8:
+        return None
+    needed = np.abs(bias.astype(np.float64)) / (s_x * 2.0**30)
+    new = np.maximum(s_w, needed.max() if s_w.size == 1 else needed)
+    if s_w.size == 1:
+        factor = np.full(q_w.shape, s_w / new)
+    else:
+        shape = [1] * q_w.ndim
+        shape[w_dq.attrs.get("axis", 1)] = -1
+        factor = (s_w / new).reshape(shape)
+    requantized = np.round(q_w * factor).astype(np.int8)  # |q| only shrinks: new >= old
+    w_dq.inputs[0] = gs.Constant(fresh_name(graph, w_dq.inputs[0].name + "_rescaled"), requantized)
+    w_dq.inputs[1] = gs.Constant(fresh_name(graph, w_dq.inputs[1].name + "_rescaled"), new.astype(np.float32))
+    return np.broadcast_to((s_x * new).astype(np.float32), bias.shape).astype(np.float32)
 
 
 def _range_owner(tensor: gs.Tensor, q_of_tensor: dict):

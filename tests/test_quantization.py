@@ -1,5 +1,7 @@
 """Int8 QDQ insertion, calibration and the accuracy-budget fallback, checked numerically in onnxruntime."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -88,7 +90,6 @@ def test_calibration_methods_clip_outliers():
 def test_fallback_float_meets_a_budget(tmp_path):
     """One hidden channel is 1000x larger than the rest and unused downstream: int8 with its range wipes out
     the useful channels, so the fallback must keep that tensor float and meet the budget."""
-    import json
 
     rng = np.random.default_rng(7)
     w1 = rng.standard_normal((16, 16)).astype(np.float32)
@@ -197,3 +198,42 @@ def test_conv_read_by_a_float_op_still_fuses_into_qlinearconv(tmp_path):
     # conv1 and se run as QLinearConv; conv2 writes the float graph output, so it has no Q to fuse with
     assert ops.count("QLinearConv") == 2 and "FusedConv" not in ops, " ".join(ops)
     assert "QLinearMul" in ops and "Mul" not in ops, " ".join(ops)  # int8-hardswish quantized the [0, 1] gate
+
+
+def test_a_dead_channel_beside_a_real_bias_still_gets_an_int32_bias(tmp_path):
+    """A channel whose weights are all near 0 (a BatchNorm with gamma near 0 folded in, as in PaddlePaddle's
+    PicoDet layout model) gets a weight scale near 0, so its bias overflows int32 at input x weight scale. The
+    channel's weight scale is raised until the bias fits: every bias is int32, onnxruntime fuses the conv, and
+    the outputs stay those of the float model."""
+    w1 = rand(8, 6, 3, 3)
+    w1[3] *= 1e-25
+    b1 = rand(8)
+    b1[3] = 0.5
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2")]
+    src = tmp_path / "dead.onnx"
+    onnx.save(model(nodes, [("x", TensorProto.FLOAT, ["N", 6, 8, 8])], [("y", TensorProto.FLOAT, None)],
+                    [init("w1", w1), init("b1", b1), init("w2", rand(4, 8, 1, 1)), init("b2", rand(4))]), src)
+    x = np.random.default_rng(0).standard_normal((32, 6, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    compile_model(src, "rzv2h", tmp_path / "pkg", calib=tmp_path / "calib.npz")
+    report = json.loads((tmp_path / "pkg" / "report.json").read_text())
+    calibrate = next(p for p in report["passes"] if p["name"] == "calibrate")
+    assert calibrate["bias_overflow"] == [] and calibrate["weight_scale_raised_for_bias"] == ["conv1"]
+    m = onnx.load(str(tmp_path / "pkg" / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    for conv in (n for n in m.graph.node if n.op_type == "Conv"):
+        assert prod[conv.input[2]].op_type == "DequantizeLinear"
+        assert inits[prod[conv.input[2]].input[0]].dtype == np.int32
+    import onnxruntime as ort
+
+    from compiler.runtime import run_model
+
+    want = run_model(onnx.load(str(src)), {"x": x[:8]})[0]
+    have = run_model(m, {"x": x[:8]})[0]
+    assert np.abs(have - want).max() < 0.05 * np.abs(want).max()
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node].count("QLinearConv") == 1
