@@ -158,13 +158,9 @@ def _fit_weight_scale(graph: gs.Graph, w_dq: gs.Node, bias: np.ndarray, s_x: flo
         return None
     needed = np.abs(bias.astype(np.float64)) / (s_x * 2.0**30)
     new = np.maximum(s_w, needed.max() if s_w.size == 1 else needed)
-    if s_w.size == 1:
-        factor = np.full(q_w.shape, s_w / new)
-    else:
-        shape = [1] * q_w.ndim
-        shape[w_dq.attrs.get("axis", 1)] = -1
-        factor = (s_w / new).reshape(shape)
-    requantized = np.round(q_w * factor).astype(np.int8)  # |q| only shrinks: new >= old
+    shape = [1] * q_w.ndim
+    shape[w_dq.attrs.get("axis", 1)] = -1  # one scale: all ones
+    requantized = np.round(q_w * (s_w / new).reshape(shape)).astype(np.int8)  # |q| only shrinks: new >= old
     w_dq.inputs[0] = gs.Constant(fresh_name(graph, w_dq.inputs[0].name + "_rescaled"), requantized)
     w_dq.inputs[1] = gs.Constant(fresh_name(graph, w_dq.inputs[1].name + "_rescaled"), new.astype(np.float32))
     return np.broadcast_to((s_x * new).astype(np.float32), bias.shape).astype(np.float32)
