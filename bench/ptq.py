@@ -15,7 +15,7 @@ onnxruntime and torch builds, so each goes in its own virtual environment, named
     python -m venv /venvs/modelopt && /venvs/modelopt/bin/pip install 'nvidia-modelopt[onnx]==0.47.0'
     python -m venv /venvs/aimet && /venvs/aimet/bin/pip install aimet-onnx==2.42.0
 
-    python bench/ptq.py                       # every model; onnxruntime, NNCF, drpc
+    python bench/ptq.py                       # every model; onnxruntime, NNCF (both forms), drpc
     python bench/ptq.py --models mnist_cntk --tools ort drpc --repeats 5
     python bench/ptq.py --python quark=/venvs/quark/bin/python modelopt=/venvs/modelopt/bin/python \\
         aimet=/venvs/aimet/bin/python        # and the three peers in their environments
@@ -39,7 +39,9 @@ import datasets  # noqa: E402
 from measure import run_measured  # noqa: E402
 from quantizers import QUANTIZERS  # noqa: E402
 
-TOOLS = ("ort", "nncf", "drpc")  # the default; the other peers when --python names their environment
+# the default; the other peers when --python names their environment. nncf_pt: NNCF with one scale per activation
+# tensor, the scheme drpc and DRP-AI use (plain NNCF gives depthwise-conv inputs one scale per channel)
+TOOLS = ("ort", "nncf", "nncf_pt", "drpc")
 
 
 def run_tool(tool, task, calib_path, out, method, python=sys.executable) -> dict:

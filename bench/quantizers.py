@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,14 +101,20 @@ def quantize_ort(task, calib_path: Path, out: Path) -> None:
         quantize(QDQDisableWeightAdjustForInt32Bias=True)
 
 
-def quantize_nncf(task, calib_path: Path, out: Path) -> None:
-    """NNCF on the ONNX model: preset MIXED, fast bias correction (its default)."""
+def quantize_nncf(task, calib_path: Path, out: Path, per_tensor: bool = False) -> None:
+    """NNCF on the ONNX model: preset MIXED, fast bias correction (its default). Its CPU settings give a tensor
+    read by a depthwise conv one scale per channel; `per_tensor` forces one scale per activation tensor, the
+    scheme DRP-AI deploys (DESIGN.md: activations uint8 per-tensor) and drpc writes."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     samples = _samples(task, calib_path)
     model = at_least_opset13(onnx.load(str(task.model)))
     dataset = nncf.Dataset(samples)
-    q = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(samples))
+    advanced = (AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
+                if per_tensor else None)
+    q = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(samples),
+                      advanced_parameters=advanced)
     onnx.save(q, str(out))
 
 
@@ -159,7 +166,8 @@ def quantize_drpc(task, calib_path: Path, out: Path, method: str = "default") ->
     os.replace(pkg / "model.onnx", out)
 
 
-QUANTIZERS = {"ort": quantize_ort, "nncf": quantize_nncf, "quark": quantize_quark, "modelopt": quantize_modelopt,
+QUANTIZERS = {"ort": quantize_ort, "nncf": quantize_nncf, "nncf_pt": partial(quantize_nncf, per_tensor=True),
+              "quark": quantize_quark, "modelopt": quantize_modelopt,
               "aimet": quantize_aimet, "drpc": quantize_drpc}
 
 
