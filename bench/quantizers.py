@@ -111,8 +111,8 @@ def quantize_nncf(task, calib_path: Path, out: Path, per_tensor: bool = False) -
     samples = _samples(task, calib_path)
     model = at_least_opset13(onnx.load(str(task.model)))
     dataset = nncf.Dataset(samples)
-    advanced = (AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
-                if per_tensor else None)
+    one_scale = QuantizationParameters(per_channel=False)
+    advanced = AdvancedQuantizationParameters(activations_quantization_params=one_scale) if per_tensor else None
     q = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(samples),
                       advanced_parameters=advanced)
     onnx.save(q, str(out))

@@ -27,8 +27,9 @@ class Calibrate(Pass):
     of quantized Conv/Gemm become int32 with scale = input scale x weight scale; where a bias would overflow
     int32 (a dead channel: weights near 0, so a weight scale near 0, beside a real bias) that channel's weight
     scale is raised until it fits and its int8 weights re-rounded, which moves its output by at most
-    d x 1.2e-7 of the bias (d weights per output; each moves by half a step of at most |b| / (s_x 2^30)); a bias that still cannot be made int32 keeps its float value and is reported; per-tensor SQNR goes to
-    the per-layer report.
+    d x 1.2e-7 of the bias (d weights per output; each moves by half a step of at most |b| / (s_x 2^30)); a
+    bias that still cannot be made int32 keeps its float value and is reported; per-tensor SQNR goes to the
+    per-layer report.
     """
 
     name = "calibrate"
